@@ -1,0 +1,595 @@
+package loopdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+)
+
+// configureBroken remembers, process-wide, that LOOP_CONFIGURE is missing or
+// misapplied its arguments (5.8 ignored PARTSCAN and the size limit). Set
+// once, never reset; the package's only mutable global.
+var configureBroken atomic.Bool
+
+// Attach opens backingPath and attaches it to a free loop device.
+func Attach(ctx context.Context, backingPath string, opts Options) (*Device, error) {
+	if err := opts.validate(); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", backingPath, err)
+	}
+	dio := opts.wantDirectIO()
+	f, err := openBackingPath(backingPath, opts.Access, dio)
+	if err != nil {
+		if errors.Is(err, unix.EISDIR) {
+			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("backing is a directory"))
+		}
+		if errors.Is(err, unix.ENXIO) {
+			// open(2) on a FIFO with O_NONBLOCK|O_RDWR succeeds, but O_RDONLY/O_WRONLY
+			// on a socket or FIFO without reader gives ENXIO: a bad argument here.
+			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("not a regular file or block device"))
+		}
+		return nil, fmt.Errorf("attach %s: %w", backingPath, err)
+	}
+	return attachBacking(ctx, f, opts, dio)
+}
+
+// AttachFile attaches an already-open backing file. The file is reopened
+// through /proc/self/fd (never dup'ed), so the caller keeps its own fd, flags
+// and locks.
+func AttachFile(ctx context.Context, backing *os.File, opts Options) (*Device, error) {
+	if err := opts.validate(); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
+	}
+	dio := opts.wantDirectIO()
+	fl, err := unix.FcntlInt(backing.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: fcntl: %w", backing.Name(), err)
+	}
+	if fl&unix.O_PATH != 0 || fl&unix.O_ACCMODE == unix.O_WRONLY {
+		return nil, fmt.Errorf("attach %s: backing opened O_PATH or write-only: %w", backing.Name(), unix.EBADFD)
+	}
+	acc := fl & unix.O_ACCMODE
+	if opts.Access == AccessReadOnly {
+		acc = unix.O_RDONLY
+	}
+	f, err := reopen(backing, openBase|acc|directFlag(dio))
+	if err != nil && dio {
+		dio = false
+		f, err = reopen(backing, openBase|acc)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
+	}
+	// Record the fd's /proc/self/fd link target as the backing path.
+	if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", backing.Fd())); err == nil {
+		f = os.NewFile(f.Fd(), p)
+	}
+	return attachBacking(ctx, f, opts, dio)
+}
+
+func attachBacking(ctx context.Context, f *os.File, opts Options, dio bool) (*Device, error) {
+	b, err := prepareBacking(f, &opts, &dio)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("attach %s: %w", f.Name(), err)
+	}
+	defer func() { b.file.Close() }()
+	if b.isBlock {
+		if d, ok, err := shortcut(ctx, b, &opts); ok || err != nil {
+			if err != nil {
+				return nil, fmt.Errorf("attach %s: %w", b.path, err)
+			}
+			return d, nil
+		}
+	}
+	d, err := allocate(ctx, b, &opts, dio)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", b.path, err)
+	}
+	return d, nil
+}
+
+// allocate runs the allocation loop (spec 3.4) and the post-loop steps.
+func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device, error) {
+	var uev *ueventSocket
+	if opts.WaitPartitions {
+		// Opened before the attach ioctl so no event of this attachment is missed.
+		var err error
+		if uev, err = openUevents(); err != nil {
+			return nil, err
+		}
+	}
+	var lastErr error
+	for n := 0; ; n++ {
+		ctl, err := openControl(ctx)
+		if err != nil {
+			uev.Close()
+			return nil, err
+		}
+		nr, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			ctl.Close()
+			uev.Close()
+			return nil, fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
+		}
+		d, err := attempt(ctx, nr, b, opts, dio)
+		if err == nil {
+			d.uevents = uev
+			err = finish(ctx, ctl, d, b, opts)
+			ctl.Close()
+			if err != nil {
+				return nil, err
+			}
+			return d, nil
+		}
+		ctl.Close() // releases the control lock; no device fd is held now
+		if !retryable(err) {
+			uev.Close()
+			return nil, err
+		}
+		lastErr = err
+		if n+1 >= maxAttempts {
+			uev.Close()
+			return nil, fmt.Errorf("%d attempts, last: %v: %w", maxAttempts, lastErr, ErrBusy)
+		}
+		if errors.Is(err, unix.ENOANO) && dio {
+			// The kernel did not enable DIO: restart buffered from get-free,
+			// never keep a half-enabled DIO device (5.10 dm-crypt gave EIO).
+			dio = false
+			if err := b.reopenBuffered(); err != nil {
+				uev.Close()
+				return nil, err
+			}
+		}
+		// uniform[0, 10ms + 240ms*n/64): systemd's randomized backoff.
+		limit := 10*time.Millisecond + time.Duration(240*float64(time.Millisecond)*float64(n+1)/maxAttempts)
+		sleep := rand.N(limit)
+		log.G(ctx).WithError(err).WithField("attempt", n+1).Debugf("loop attach collided on loop%d, retrying in %v", nr, sleep)
+		if opts.onBackoff != nil {
+			opts.onBackoff(n+1, sleep)
+		}
+		t := time.NewTimer(sleep)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			uev.Close()
+			return nil, fmt.Errorf("backoff after %v: %w", lastErr, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// attempt is one pass on loop<nr> (spec 3.5). On success the device is
+// bound, owned, and locked exclusively on d.lock.
+func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (_ *Device, retErr error) {
+	if err := opts.fault(stepGetFree, nr); err != nil {
+		return nil, err
+	}
+	node := "/dev/loop" + strconv.Itoa(nr)
+	devnum, err := ensureNode(node, nr)
+	if err != nil {
+		return nil, err
+	}
+	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), true)
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
+		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly}
+	bound := false
+	defer func() {
+		if retErr != nil {
+			d.abort(bound)
+		}
+	}()
+	// Lock on a separate read-only OFD: it must be closable before LOOP_CLR_FD
+	// (an extra opener turns the clear lazy), and SELinux may deny rw opens.
+	if d.lock, err = reopen(main, openBase|unix.O_RDONLY); err != nil {
+		return nil, err
+	}
+	if err := flockPoll(ctx, int(d.lock.Fd()), unix.LOCK_EX, false); err != nil {
+		return nil, fmt.Errorf("lock %s: %w", node, err)
+	}
+	if err := opts.fault(stepLocked, nr); err != nil {
+		return nil, err
+	}
+	// Bound check under the lock: a non-locking peer (losetup) may have bound it.
+	if _, err := unix.IoctlLoopGetStatus64(int(main.Fd())); err == nil {
+		return nil, fmt.Errorf("%s bound by another user: %w", node, unix.EBUSY)
+	} else if err != unix.ENXIO {
+		return nil, fmt.Errorf("LOOP_GET_STATUS64 %s: %w", node, err)
+	}
+	// An unbound device can still carry partitions (5.8, or a partition held
+	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
+	if n, err := deletePartitions(main, devnum); err != nil {
+		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
+	} else if n > 0 {
+		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
+	}
+	d.fences = readFences()
+	if err := opts.fault(stepBeforeAttach, nr); err != nil {
+		return nil, err
+	}
+	cfg := buildConfig(b, opts, dio)
+	if err := configure(ctx, d, b, opts, cfg, dio, &bound); err != nil {
+		return nil, err
+	}
+	if err := opts.fault(stepVerified, nr); err != nil {
+		return nil, err
+	}
+	if !opts.forceNoDiskseq {
+		seq, err := getDiskseq(main)
+		if err != nil && !errors.Is(err, ErrUnsupported) {
+			return nil, fmt.Errorf("BLKGETDISKSEQ %s: %w", node, err)
+		}
+		d.diskseq = seq
+	}
+	if d.size, err = unix.IoctlGetUint64(int(main.Fd()), unix.BLKGETSIZE64); err != nil {
+		return nil, fmt.Errorf("BLKGETSIZE64 %s: %w", node, err)
+	}
+	return d, nil
+}
+
+// buildConfig fills loop_config (spec 3.3 step 7).
+func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
+	var cfg unix.LoopConfig
+	cfg.Fd = uint32(b.file.Fd())
+	cfg.Size = opts.SectorSize // the kernel's block_size: always explicit, never 0
+	cfg.Info.Offset = opts.Offset
+	cfg.Info.Sizelimit = opts.Size
+	// AUTOCLEAR always: a crash before the caller decides never leaks a device.
+	// PARTSCAN is deferred (section 5.5) to avoid double scans.
+	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
+	if b.readOnly {
+		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
+	}
+	if dio {
+		cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
+	}
+	copy(cfg.Info.File_name[:], opts.FileName)
+	return cfg
+}
+
+// configure binds the backing with LOOP_CONFIGURE, or the legacy ioctls when
+// LOOP_CONFIGURE is unsupported or known broken, and verifies the result.
+func configure(ctx context.Context, d *Device, b *backing, opts *Options, cfg unix.LoopConfig, dio bool, bound *bool) error {
+	fd := int(d.file.Fd())
+	if !configureBroken.Load() {
+		err := unix.IoctlLoopConfigure(fd, &cfg)
+		if err == nil {
+			*bound = true
+			if err := opts.fault(stepAttached, d.nr); err != nil {
+				return err
+			}
+			err = verifyConfigured(d, b, opts, dio)
+			if errors.Is(err, errConfigureBroken) {
+				// Never reuse this device in place: the clear may be lazy.
+				configureBroken.Store(true)
+				log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE misapplied its arguments, using LOOP_SET_FD from now on")
+				return fmt.Errorf("%s: %v: %w", d.path, err, unix.EBUSY)
+			}
+			return err
+		}
+		if !unsupportedErrno(err) {
+			return fmt.Errorf("LOOP_CONFIGURE %s: %w", d.path, err)
+		}
+		configureBroken.Store(true)
+		log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE unsupported, using LOOP_SET_FD")
+	}
+	// Legacy path on the same, still unbound device.
+	if err := unix.IoctlSetInt(fd, unix.LOOP_SET_FD, int(cfg.Fd)); err != nil {
+		return fmt.Errorf("LOOP_SET_FD %s: %w", d.path, err)
+	}
+	*bound = true
+	if err := opts.fault(stepAttached, d.nr); err != nil {
+		return err
+	}
+	info := cfg.Info
+	// LOOP_SET_STATUS64 can only set AUTOCLEAR and PARTSCAN.
+	info.Flags &= unix.LO_FLAGS_AUTOCLEAR | unix.LO_FLAGS_PARTSCAN
+	if err := setStatusRetry(ctx, fd, &info); err != nil {
+		return fmt.Errorf("LOOP_SET_STATUS64 %s: %w", d.path, err)
+	}
+	if cfg.Size != 0 {
+		_ = unix.IoctlSetInt(fd, unix.LOOP_SET_BLOCK_SIZE, int(cfg.Size)) // verified below
+		ss, err := unix.IoctlGetUint32(fd, unix.BLKSSZGET)
+		if err != nil || ss != cfg.Size {
+			return fmt.Errorf("%s: block size %d, want %d: %w", d.path, ss, cfg.Size, unix.EIO)
+		}
+	}
+	if dio {
+		_ = unix.IoctlSetInt(fd, unix.LOOP_SET_DIRECT_IO, 1) // verified below
+	}
+	return verifyConfigured(d, b, opts, dio)
+}
+
+// setStatusRetry retries LOOP_SET_STATUS64 on EAGAIN, which 5.0+ returns while
+// someone (udev) holds the device open and page cache must be dropped.
+func setStatusRetry(ctx context.Context, fd int, info *unix.LoopInfo64) error {
+	for n := 1; ; n++ {
+		err := unix.IoctlLoopSetStatus64(fd, info)
+		if err != unix.EAGAIN || n >= maxAttempts {
+			return err
+		}
+		sleep := 10*time.Millisecond + rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)
+		t := time.NewTimer(sleep)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+var errConfigureBroken = errors.New("LOOP_CONFIGURE result does not match the request")
+
+// verifyConfigured checks what the kernel applied (spec 4.1).
+func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
+	fd := int(d.file.Fd())
+	ss, err := unix.IoctlGetUint32(fd, unix.BLKSSZGET)
+	if err != nil {
+		return fmt.Errorf("BLKSSZGET %s: %w", d.path, err)
+	}
+	if ss != opts.SectorSize {
+		return fmt.Errorf("%s: sector size %d, want %d: %w", d.path, ss, opts.SectorSize, errConfigureBroken)
+	}
+	if opts.Offset != 0 || opts.Size != 0 {
+		got, err := unix.IoctlGetUint64(fd, unix.BLKGETSIZE64)
+		if err != nil {
+			return fmt.Errorf("BLKGETSIZE64 %s: %w", d.path, err)
+		}
+		if want := expectedSize(b.size, opts.Offset, opts.Size, opts.SectorSize); got != want {
+			// 5.8 did not apply lo_sizelimit.
+			return fmt.Errorf("%s: size %d, want %d: %w", d.path, got, want, errConfigureBroken)
+		}
+	}
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	}
+	d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	if dio && !d.dio {
+		// From 6.14 the flag reports the effective state; restart buffered.
+		return fmt.Errorf("%s: direct I/O not enabled: %w", d.path, unix.ENOANO)
+	}
+	return nil
+}
+
+// expectedSize is min(sizelimit, backing - offset) rounded down to 512 and to
+// the logical block size. Comparing with lo_sizelimit exactly (as systemd
+// does) would call a sizelimit past EOF a kernel bug.
+func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint64 {
+	avail := uint64(0)
+	if backingSize > offset {
+		avail = backingSize - offset
+	}
+	if sizelimit != 0 && sizelimit < avail {
+		avail = sizelimit
+	}
+	avail &^= 511
+	if blockSize > 512 {
+		avail -= avail % uint64(blockSize)
+	}
+	return avail
+}
+
+// finish runs the post-loop steps with the control lock still held (spec 3.7).
+func finish(ctx context.Context, ctl *os.File, d *Device, b *backing, opts *Options) (retErr error) {
+	defer func() {
+		if retErr != nil {
+			// The device is owned now: full teardown with the control lock we hold.
+			_ = d.teardownLocked(ctx, ctl)
+		}
+	}()
+	fd := int(d.file.Fd())
+	if b.isBlock {
+		mirrorDiscard(ctx, b, d)
+	}
+	if opts.Partscan {
+		if err := enablePartscan(d); err != nil {
+			return err
+		}
+	}
+	if err := opts.fault(stepPartscan, d.nr); err != nil {
+		return err
+	}
+	d.backing = BackingID{Dev: devOfStat(&b.st), Ino: b.st.Ino}
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	}
+	// Identity check (beyond systemd): the kernel must have bound our inode.
+	if info.Device != d.backing.Dev || info.Inode != d.backing.Ino || info.Offset != opts.Offset {
+		return fmt.Errorf("%s bound to %d/%d@%d, want %d/%d@%d: %w", d.path, info.Device, info.Inode, info.Offset,
+			d.backing.Dev, d.backing.Ino, opts.Offset, unix.EIO)
+	}
+	if info.Flags&unix.LO_FLAGS_AUTOCLEAR == 0 || (info.Flags&unix.LO_FLAGS_READ_ONLY != 0) != b.readOnly {
+		return fmt.Errorf("%s flags %#x do not match the request: %w", d.path, info.Flags, unix.EIO)
+	}
+	if b.readOnly {
+		if ro, err := readAttr(d.devnum.SysfsDir() + "/ro"); err != nil || ro != "1" {
+			return fmt.Errorf("%s not read-only in sysfs: %w", d.path, unix.EIO)
+		}
+	}
+	if err := opts.fault(stepDone, d.nr); err != nil {
+		return err
+	}
+	if opts.Keep {
+		if _, err := d.SetAutoclear(false); err != nil {
+			return err
+		}
+	}
+	// Hand back the caller's lock state.
+	switch opts.Lock {
+	case LockNone:
+		d.lock.Close()
+		d.lock = nil
+	case LockShared:
+		// Downgrading with flock is not atomic, but we hold the control lock,
+		// so no cooperating allocator can take the device in between.
+		if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
+			return fmt.Errorf("downgrade lock on %s: %w", d.path, err)
+		}
+	}
+	if opts.Keep {
+		d.owned = false
+	}
+	log.G(ctx).WithFields(log.Fields{"device": d.path, "devnum": d.devnum.String(), "diskseq": d.diskseq,
+		"backing_file": d.backingPath}).Debug("loop device attached")
+	return nil
+}
+
+// abort undoes a failed attempt: fds on the device are closed first, then the
+// clear is issued on the fd that was bound (an extra opener would make
+// LOOP_CLR_FD lazy), then that fd is closed. Never clear what we did not bind.
+func (d *Device) abort(bound bool) {
+	if d.lock != nil {
+		d.lock.Close()
+		d.lock = nil
+	}
+	if bound {
+		_ = unix.IoctlSetInt(int(d.file.Fd()), unix.LOOP_CLR_FD, 0)
+	}
+	d.file.Close()
+}
+
+// ensureNode stats /dev/loopN, creating the node from sysfs when /dev lacks it
+// (containers with a tmpfs /dev). The devnum comes from sysfs, never from nr:
+// max_part changes the minor.
+func ensureNode(node string, nr int) (Devnum, error) {
+	devnum, err := devnumOfNode(node)
+	if err == nil || !errors.Is(err, unix.ENOENT) {
+		return devnum, err
+	}
+	sys := fmt.Sprintf("/sys/devices/virtual/block/loop%d/dev", nr)
+	want, serr := readSysfsDevnum(sys)
+	if serr != nil {
+		return 0, err // still ENOENT: retryable
+	}
+	if merr := unix.Mknod(node, unix.S_IFBLK|0o660, int(want)); merr != nil && merr != unix.EEXIST {
+		return 0, fmt.Errorf("mknod %s: %w", node, merr)
+	}
+	return devnumOfNode(node)
+}
+
+// openVerified opens a block node safely (spec 7.1): O_PATH|O_NOFOLLOW, check
+// it is the block device with the expected devnum, then reopen with the
+// wanted flags and require the diskseq to be the one seen (0: read from
+// sysfs first when checkSysfs). Any mismatch is ENXIO ("absent").
+func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysfs bool) (*os.File, error) {
+	pfd, err := unix.Open(node, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: node, Err: err}
+	}
+	pf := os.NewFile(uintptr(pfd), node)
+	defer pf.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(pfd, &st); err != nil {
+		return nil, &os.PathError{Op: "stat", Path: node, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK || devnumOfStat(&st) != devnum {
+		return nil, fmt.Errorf("%s is no longer block device %s: %w", node, devnum, unix.ENXIO)
+	}
+	if diskseq == 0 && checkSysfs {
+		if s, err := readAttrUint(devnum.SysfsDir() + "/diskseq"); err == nil {
+			diskseq = s
+		}
+	}
+	f, err := reopen(pf, openBase|acc)
+	if err != nil {
+		return nil, err
+	}
+	if diskseq != 0 {
+		got, err := getDiskseq(f)
+		if err == nil && got != diskseq {
+			f.Close()
+			return nil, fmt.Errorf("%s diskseq %d, want %d: %w", node, got, diskseq, unix.ENXIO)
+		}
+	}
+	return f, nil
+}
+
+// getDiskseq reads BLKGETDISKSEQ; "unsupported" errnos (old kernels answer
+// EINVAL on a loop device) give ErrUnsupported.
+func getDiskseq(f *os.File) (uint64, error) {
+	seq, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETDISKSEQ)
+	if err != nil {
+		if unsupportedErrno(err) {
+			return 0, fmt.Errorf("diskseq: %w", ErrUnsupported)
+		}
+		return 0, err
+	}
+	return seq, nil
+}
+
+// readFences records the uevent seqnum and CLOCK_MONOTONIC just before the
+// attach ioctl (spec 7.2).
+func readFences() Fences {
+	f := Fences{SeqnumNotBefore: math.MaxUint64}
+	if s, err := readAttrUint("/sys/kernel/uevent_seqnum"); err == nil {
+		f.SeqnumNotBefore = s
+	}
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) == nil {
+		f.TimeNotBefore = time.Duration(ts.Nano()) / time.Microsecond * time.Microsecond
+	}
+	return f
+}
+
+// shortcut returns a wrapper around a block-device backing instead of a new
+// loop device when nothing would change (spec 3.3): offset 0, whole size,
+// same sector size, and partscan either unneeded or already effective.
+func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, error) {
+	if opts.Offset != 0 || opts.Size != 0 || opts.SectorSize != b.blockSize {
+		return nil, false, nil
+	}
+	devnum := devnumOfStat(&b.st)
+	if opts.Partscan && !effectivePartscan(devnum) {
+		if opts.MayPopulate || hasPartitionTable(b.file) {
+			return nil, false, nil
+		}
+	}
+	// A fresh reopen with the caller's mode and never O_DIRECT, not a dup.
+	f, err := reopen(b.file, openBase|accFlags(b.readOnly))
+	if err != nil {
+		return nil, true, err
+	}
+	d := &Device{file: f, path: b.path, nr: -1, devnum: devnum, backingPath: b.path,
+		sectorSize: b.blockSize, size: b.size, readOnly: b.readOnly,
+		fences: Fences{SeqnumNotBefore: math.MaxUint64}}
+	if info, err := unix.IoctlLoopGetStatus64(int(f.Fd())); err == nil {
+		d.nr = int(info.Number)
+		d.backing = BackingID{Dev: info.Device, Ino: info.Inode}
+		d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
+	}
+	if !opts.forceNoDiskseq {
+		d.diskseq, _ = getDiskseq(f)
+	}
+	if opts.Lock != LockNone {
+		if err := d.Flock(ctx, opts.Lock, opts.LockNonBlocking); err != nil {
+			f.Close()
+			return nil, true, err
+		}
+	}
+	return d, true, nil
+}
+
+func mirrorDiscard(ctx context.Context, b *backing, d *Device) {
+	src := Devnum(uint64(b.st.Rdev)).SysfsDir() + "/queue/discard_max_bytes" //nolint:unconvert
+	v, err := readAttr(src)
+	if err == nil {
+		err = os.WriteFile(d.devnum.SysfsDir()+"/queue/discard_max_bytes", []byte(v), 0)
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("device", d.path).Debug("copy discard_max_bytes from block backing")
+	}
+}

@@ -1,0 +1,76 @@
+package loopdev
+
+import (
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+)
+
+// Sentinels; test with errors.Is. Errors returned by the package also keep
+// the underlying errno, so errors.Is(err, unix.EBUSY) works through the chain.
+var (
+	// ErrBusy: every allocation attempt collided with another user.
+	ErrBusy = &errnoSentinel{"loop devices busy after all attempts", unix.EBUSY}
+	// ErrNotOwned: Detach on a handle this process did not create, or relinquished.
+	ErrNotOwned = errors.New("loop device not owned by this handle")
+	// ErrForeign: the handle is not a loop binding (plain block device or unbound loop device).
+	ErrForeign = errors.New("not a bound loop device")
+	// ErrReused: the devnum or diskseq no longer matches: the number now belongs to someone else.
+	ErrReused = &errnoSentinel{"loop device reused by another attachment", unix.ENXIO}
+	// ErrGone: the device node is absent or the device is unbound.
+	ErrGone = &errnoSentinel{"loop device gone", unix.ENXIO}
+	// ErrDetachDeferred: LOOP_CLR_FD was accepted but another opener (a
+	// mount, udev, a process) still holds the device; the kernel unbinds it
+	// at the last close.
+	ErrDetachDeferred = errors.New("loop detach deferred: device still in use")
+	// ErrRemoveBusy: the device was cleared but LOOP_CTL_REMOVE stayed busy.
+	ErrRemoveBusy = &errnoSentinel{"loop device cleared but not removed (busy)", unix.EBUSY}
+	// ErrUnsupported: the kernel lacks a feature (diskseq, LOOP_CONFIGURE, partscan).
+	ErrUnsupported = errors.New("not supported by this kernel")
+	// ErrInvalidArgument: bad options or an unusable backing file.
+	ErrInvalidArgument = &errnoSentinel{"invalid argument", unix.EINVAL}
+)
+
+// errnoSentinel is a sentinel that also matches the errno it implies.
+type errnoSentinel struct {
+	msg   string
+	errno unix.Errno
+}
+
+func (e *errnoSentinel) Error() string { return e.msg }
+
+func (e *errnoSentinel) Is(target error) bool { return target == e.errno }
+
+// invalidf builds an ErrInvalidArgument error with context.
+func invalidf(format string, args ...any) error {
+	return &wrapped{msg: fmt.Sprintf(format, args...), err: ErrInvalidArgument}
+}
+
+type wrapped struct {
+	msg string
+	err error
+}
+
+func (w *wrapped) Error() string { return w.msg + ": " + w.err.Error() }
+func (w *wrapped) Unwrap() error { return w.err }
+
+// retryable reports whether an attempt's error means "try another device".
+func retryable(err error) bool {
+	return errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO) ||
+		errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EBUSY) ||
+		errors.Is(err, unix.EUCLEAN) || errors.Is(err, unix.ENOANO)
+}
+
+// unsupportedErrno reports the errnos a kernel answers for an ioctl it does
+// not implement: EINVAL on 64-bit, ENOTTY on 32-bit compat, ENOSYS under
+// qemu-user, and the EOPNOTSUPP family.
+func unsupportedErrno(err error) bool {
+	for _, e := range []unix.Errno{unix.EOPNOTSUPP, unix.ENOTTY, unix.ENOSYS, unix.EAFNOSUPPORT,
+		unix.EPFNOSUPPORT, unix.EPROTONOSUPPORT, unix.ESOCKTNOSUPPORT, unix.ENOPROTOOPT, unix.EINVAL} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,79 @@
+package loopdev
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Poll interval for LOCK_NB polling: start small, double, cap. systemd blocks
+// forever in flock; a stuck holder would wedge every allocation (R21).
+const (
+	lockPollMin = time.Millisecond
+	lockPollMax = 50 * time.Millisecond
+)
+
+// flockPoll takes a flock with LOCK_NB, polling until ctx is done. With
+// nonBlocking it tries once and returns EWOULDBLOCK.
+func flockPoll(ctx context.Context, fd int, how int, nonBlocking bool) error {
+	delay := lockPollMin
+	for {
+		err := unix.Flock(fd, how|unix.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+			return os.NewSyscallError("flock", err)
+		}
+		if nonBlocking && err == unix.EWOULDBLOCK {
+			return os.NewSyscallError("flock", err)
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("wait for lock: %w", ctx.Err())
+		case <-t.C:
+		}
+		delay = min(delay*2, lockPollMax)
+	}
+}
+
+func lockHow(s LockState) int {
+	if s == LockShared {
+		return unix.LOCK_SH
+	}
+	return unix.LOCK_EX
+}
+
+// reopen opens a new open file description on f's inode through
+// /proc/self/fd: unlike dup, it has its own file flags and its own flock.
+func reopen(f *os.File, flags int) (*os.File, error) {
+	p := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	fd, err := unix.Open(p, flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "reopen", Path: f.Name(), Err: err}
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
+}
+
+// openControl opens a private /dev/loop-control and locks it. A new OFD for
+// every call: a shared fd would share the flock and remove the serialization.
+func openControl(ctx context.Context) (*os.File, error) {
+	fd, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		if err == unix.ENOENT {
+			return nil, fmt.Errorf("open /dev/loop-control: %w (is the loop module loaded? try: modprobe loop)", err)
+		}
+		return nil, &os.PathError{Op: "open", Path: "/dev/loop-control", Err: err}
+	}
+	ctl := os.NewFile(uintptr(fd), "/dev/loop-control")
+	if err := flockPoll(ctx, fd, unix.LOCK_EX, false); err != nil {
+		ctl.Close()
+		return nil, fmt.Errorf("lock /dev/loop-control: %w", err)
+	}
+	return ctl, nil
+}

@@ -1,0 +1,202 @@
+package loopdev
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Partition is one partition of a loop device, as sysfs shows it.
+type Partition struct {
+	Nr     int
+	Path   string
+	Devnum Devnum
+	Start  uint64 // bytes
+	Size   uint64 // bytes
+}
+
+// listPartitions enumerates the sub-directories of the disk's sysfs
+// directory that carry a "partition" file.
+func listPartitions(disk Devnum) ([]Partition, error) {
+	dir := disk.SysfsDir()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []Partition
+	for _, e := range entries {
+		sub := filepath.Join(dir, e.Name())
+		pn, err := readAttrUint(filepath.Join(sub, "partition"))
+		if err != nil {
+			continue
+		}
+		p := Partition{Nr: int(pn), Path: "/dev/" + e.Name()}
+		p.Devnum, _ = readSysfsDevnum(filepath.Join(sub, "dev"))
+		if s, err := readAttrUint(filepath.Join(sub, "start")); err == nil {
+			p.Start = s * 512
+		}
+		if s, err := readAttrUint(filepath.Join(sub, "size")); err == nil {
+			p.Size = s * 512
+		}
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Nr < out[j].Nr })
+	return out, nil
+}
+
+// deletePartitions removes every partition synchronously with BLKPG, so the
+// next user of the number sees none. It returns how many it found.
+func deletePartitions(f *os.File, disk Devnum) (int, error) {
+	parts, err := listPartitions(disk)
+	if err != nil {
+		if os.IsNotExist(err) {
+			return 0, unix.ENODEV
+		}
+		return 0, err
+	}
+	var first error
+	for _, p := range parts {
+		btrfsForget(p.Path)
+		err := blkpg(f, unix.BLKPG_DEL_PARTITION, &unix.BlkpgPartition{Pno: int32(p.Nr)})
+		if err != nil && err != unix.ENODEV && first == nil { // ENODEV: the kernel removed it first
+			first = fmt.Errorf("BLKPG_DEL_PARTITION %s: %w", p.Path, err)
+		}
+	}
+	return len(parts), first
+}
+
+// btrfsForget tells btrfs to drop its cached device for a partition about to
+// be deleted; without it a later image with the same btrfs UUID fails to
+// mount. Best effort.
+func btrfsForget(node string) {
+	fd, err := unix.Open("/dev/btrfs-control", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	// struct btrfs_ioctl_vol_args { __s64 fd; char name[4088]; }
+	var args struct {
+		fd   int64
+		name [4088]byte
+	}
+	copy(args.name[:], node)
+	const btrfsIocForgetDev = 0x50009405 // _IOW(0x94, 5, struct btrfs_ioctl_vol_args)
+	_, _, _ = unix.Syscall(unix.SYS_IOCTL, uintptr(fd), btrfsIocForgetDev, uintptr(unsafe.Pointer(&args)))
+}
+
+// effectivePartscan decides whether the kernel scans partitions of a disk
+// (spec 5.5); these files changed meaning in 5.17, 5.19, 6.3 and 6.10.
+func effectivePartscan(disk Devnum) bool {
+	dir := disk.SysfsDir()
+	if v, err := readAttr(dir + "/partscan"); err == nil { // 6.10+, 6.6 backports
+		return v == "1"
+	}
+	if _, err := os.Stat(dir + "/partition"); err == nil {
+		return false
+	}
+	if v, err := readAttr(dir + "/loop/partscan"); err == nil && v == "0" { // 5.19+
+		return false
+	}
+	if v, err := readAttrUint(dir + "/ext_range"); err == nil && v <= 1 {
+		return false
+	}
+	if c, err := readAttr(dir + "/capability"); err == nil {
+		if v, err := strconv.ParseUint(strings.TrimSpace(c), 16, 64); err == nil && v&0x204 != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// enablePartscan turns partscan on after the attach (spec 5.5). LOOP_CONFIGURE
+// with PARTSCAN emits a change uevent before rereading partitions; a udev
+// open in that window scans twice and partitions flap. A read-only open and
+// close drains the pending scan state first (no IN_CLOSE_WRITE for udev).
+func enablePartscan(d *Device) error {
+	drain, err := reopen(d.file, openBase|unix.O_RDONLY)
+	if err != nil {
+		return err
+	}
+	drain.Close()
+	fd := int(d.file.Fd())
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if err != nil {
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	}
+	info.Flags |= unix.LO_FLAGS_PARTSCAN
+	info.Flags &= unix.LO_FLAGS_AUTOCLEAR | unix.LO_FLAGS_PARTSCAN
+	if err := unix.IoctlLoopSetStatus64(fd, info); err != nil {
+		return fmt.Errorf("enable partscan on %s: %w", d.path, err)
+	}
+	if !effectivePartscan(d.devnum) {
+		return fmt.Errorf("partscan on %s: %w", d.path, ErrUnsupported)
+	}
+	return nil
+}
+
+// Partitions lists the device's partitions after checking the device is
+// still this attachment.
+func (d *Device) Partitions() ([]Partition, error) {
+	if err := d.checkAlive(); err != nil {
+		return nil, err
+	}
+	return listPartitions(d.devnum)
+}
+
+// AddPartition creates partition nr synchronously with BLKPG_ADD_PARTITION;
+// EBUSY means the kernel's scan already created it, which is fine.
+func (d *Device) AddPartition(nr int, start, length uint64) error {
+	p := unix.BlkpgPartition{Pno: int32(nr), Start: int64(start), Length: int64(length)}
+	if err := blkpg(d.file, unix.BLKPG_ADD_PARTITION, &p); err != nil && err != unix.EBUSY {
+		return fmt.Errorf("BLKPG_ADD_PARTITION %s p%d: %w", d.path, nr, err)
+	}
+	return nil
+}
+
+// OpenPartition opens partition nr with the identity checks of spec 7.1: the
+// node must be a block device whose sysfs parent is our disk, and the
+// diskseq (shared with the disk) must be ours. flags are added to
+// O_CLOEXEC|O_NONBLOCK|O_NOCTTY (e.g. unix.O_RDONLY).
+func (d *Device) OpenPartition(ctx context.Context, nr int, flags int) (*os.File, error) {
+	parts, err := d.Partitions()
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range parts {
+		if p.Nr != nr {
+			continue
+		}
+		parent, err := readSysfsDevnum(p.Devnum.SysfsDir() + "/../dev")
+		if err != nil || parent != d.devnum {
+			return nil, fmt.Errorf("partition %s does not belong to %s: %w", p.Path, d.path, unix.ENXIO)
+		}
+		f, err := openVerified(p.Path, p.Devnum, d.diskseq, flags, false)
+		if err != nil {
+			return nil, fmt.Errorf("open partition %d of %s: %w", nr, d.path, err)
+		}
+		return f, nil
+	}
+	return nil, fmt.Errorf("partition %d of %s: %w", nr, d.path, unix.ENOENT)
+}
+
+// checkAlive verifies the device still carries this attachment.
+func (d *Device) checkAlive() error {
+	if d.diskseq == 0 {
+		return nil
+	}
+	seq, err := readAttrUint(d.devnum.SysfsDir() + "/diskseq")
+	if err != nil {
+		return fmt.Errorf("%s: %w", d.path, ErrGone)
+	}
+	if seq != d.diskseq {
+		return fmt.Errorf("%s diskseq %d, ours %d: %w", d.path, seq, d.diskseq, ErrReused)
+	}
+	return nil
+}

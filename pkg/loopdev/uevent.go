@@ -1,0 +1,169 @@
+package loopdev
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ueventSocket receives kernel uevents (NETLINK_KOBJECT_UEVENT, group 1).
+type ueventSocket struct{ fd int }
+
+func openUevents() (*ueventSocket, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
+	if err != nil {
+		return nil, os.NewSyscallError("socket uevent", err)
+	}
+	// A large buffer makes overflow (ENOBUFS) rare; the sysfs rescan covers it.
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 8<<20)
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: 1}); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("bind uevent", err)
+	}
+	return &ueventSocket{fd: fd}, nil
+}
+
+func (u *ueventSocket) Close() {
+	if u != nil && u.fd >= 0 {
+		unix.Close(u.fd)
+		u.fd = -1
+	}
+}
+
+// Uevent is a parsed kernel uevent.
+type Uevent struct {
+	Action  string
+	Devpath string
+	Env     map[string]string
+}
+
+// ParseUevent parses a kernel uevent datagram: "ACTION@DEVPATH\0KEY=VALUE\0...".
+func ParseUevent(b []byte) (*Uevent, error) {
+	parts := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
+	if len(parts) == 0 {
+		return nil, fmt.Errorf("empty uevent: %w", ErrInvalidArgument)
+	}
+	action, devpath, ok := strings.Cut(string(parts[0]), "@")
+	if !ok || action == "" || devpath == "" {
+		return nil, fmt.Errorf("uevent header %q: %w", parts[0], ErrInvalidArgument)
+	}
+	ev := &Uevent{Action: action, Devpath: devpath, Env: map[string]string{}}
+	for _, kv := range parts[1:] {
+		k, v, ok := strings.Cut(string(kv), "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("uevent field %q: %w", kv, ErrInvalidArgument)
+		}
+		ev.Env[k] = v
+	}
+	return ev, nil
+}
+
+// WaitPartitions waits until every partition number in nrs exists for this
+// attachment. It trusts only uevents carrying this attachment's DISKSEQ (or,
+// without diskseq, a SEQNUM past the fence), and rescans sysfs as the
+// fallback. It needs Options.WaitPartitions at attach; without the socket it
+// polls sysfs. A larger DISKSEQ means the device was reused: ErrReused.
+func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
+	want := map[int]bool{}
+	for _, n := range nrs {
+		want[n] = true
+	}
+	have := func() (bool, error) {
+		if err := d.checkAlive(); err != nil {
+			return false, err
+		}
+		parts, err := listPartitions(d.devnum)
+		if err != nil {
+			return false, err
+		}
+		got := map[int]bool{}
+		for _, p := range parts {
+			got[p.Nr] = true
+		}
+		if err := d.checkAlive(); err != nil {
+			return false, err
+		}
+		for n := range want {
+			if !got[n] {
+				return false, nil
+			}
+		}
+		return true, nil
+	}
+	buf := make([]byte, 64*1024)
+	for {
+		ok, err := have()
+		if err != nil || ok {
+			return err
+		}
+		if d.uevents == nil || d.uevents.fd < 0 {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
+			case <-time.After(10 * time.Millisecond):
+			}
+			continue
+		}
+		timeout := 50
+		if dl, ok := ctx.Deadline(); ok {
+			timeout = min(timeout, int(time.Until(dl)/time.Millisecond)+1)
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
+		}
+		pfd := []unix.PollFd{{Fd: int32(d.uevents.fd), Events: unix.POLLIN}}
+		if _, err := unix.Poll(pfd, max(timeout, 1)); err != nil && err != unix.EINTR {
+			return os.NewSyscallError("poll uevent", err)
+		}
+		for {
+			n, from, err := unix.Recvfrom(d.uevents.fd, buf, unix.MSG_DONTWAIT)
+			if err == unix.EAGAIN || err == unix.EINTR {
+				break
+			}
+			if err == unix.ENOBUFS {
+				break // overflow: the sysfs rescan at the loop head catches up
+			}
+			if err != nil {
+				return os.NewSyscallError("recv uevent", err)
+			}
+			if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
+				continue // only the kernel (port id 0) is trusted
+			}
+			ev, err := ParseUevent(buf[:n])
+			if err != nil {
+				continue
+			}
+			if err := d.judgeUevent(ev); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// judgeUevent rejects events that prove our attachment is gone.
+func (d *Device) judgeUevent(ev *Uevent) error {
+	if ev.Env["SUBSYSTEM"] != "block" || ev.Env["DEVTYPE"] != "partition" {
+		return nil
+	}
+	if !strings.HasPrefix(ev.Devpath, "/devices/virtual/block/loop"+strconv.Itoa(d.nr)+"/") {
+		return nil
+	}
+	if d.diskseq != 0 {
+		seq, err := strconv.ParseUint(ev.Env["DISKSEQ"], 10, 64)
+		if err == nil && seq > d.diskseq {
+			return fmt.Errorf("%s: uevent diskseq %d newer than ours %d: %w", d.path, seq, d.diskseq, ErrReused)
+		}
+		return nil
+	}
+	seq, err := strconv.ParseUint(ev.Env["SEQNUM"], 10, 64)
+	if err == nil && seq <= d.fences.SeqnumNotBefore {
+		return nil // stale event from an earlier attachment
+	}
+	return nil
+}
