@@ -183,7 +183,8 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 		return nil, err
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
-		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly}
+		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
+		remove: opts.RemoveDevice}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -584,7 +585,7 @@ func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, er
 }
 
 func mirrorDiscard(ctx context.Context, b *backing, d *Device) {
-	src := Devnum(uint64(b.st.Rdev)).SysfsDir() + "/queue/discard_max_bytes" //nolint:unconvert
+	src := devnumOfStat(&b.st).SysfsDir() + "/queue/discard_max_bytes"
 	v, err := readAttr(src)
 	if err == nil {
 		err = os.WriteFile(d.devnum.SysfsDir()+"/queue/discard_max_bytes", []byte(v), 0)

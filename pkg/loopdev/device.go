@@ -54,6 +54,7 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
+	remove      bool // LOOP_CTL_REMOVE after the clear
 }
 
 func (d *Device) Path() string         { return d.path }

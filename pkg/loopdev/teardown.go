@@ -91,8 +91,10 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *os.File) error {
 		errs = append(errs, ErrDetachDeferred)
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
-	if err := removeDevice(ctx, ctl, d.nr, d.devnum); err != nil {
-		errs = append(errs, err)
+	if d.remove {
+		if err := removeDevice(ctx, ctl, d.nr, d.devnum); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
