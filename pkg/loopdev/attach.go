@@ -60,17 +60,18 @@ func AttachFile(ctx context.Context, backing *os.File, opts Options) (*Device, e
 	if opts.Access == AccessReadOnly {
 		acc = unix.O_RDONLY
 	}
-	f, err := reopen(backing, openBase|acc|directFlag(dio))
+	// Record the fd's /proc/self/fd link target as the backing path.
+	name := backing.Name()
+	if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", backing.Fd())); err == nil {
+		name = p
+	}
+	f, err := reopenNamed(backing, openBase|acc|directFlag(dio), name)
 	if err != nil && dio {
 		dio = false
-		f, err = reopen(backing, openBase|acc)
+		f, err = reopenNamed(backing, openBase|acc, name)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
-	}
-	// Record the fd's /proc/self/fd link target as the backing path.
-	if p, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", backing.Fd())); err == nil {
-		f = os.NewFile(f.Fd(), p)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -51,13 +52,16 @@ func lockHow(s LockState) int {
 
 // reopen opens a new open file description on f's inode through
 // /proc/self/fd: unlike dup, it has its own file flags and its own flock.
-func reopen(f *os.File, flags int) (*os.File, error) {
+func reopen(f *os.File, flags int) (*os.File, error) { return reopenNamed(f, flags, f.Name()) }
+
+func reopenNamed(f *os.File, flags int, name string) (*os.File, error) {
 	p := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 	fd, err := unix.Open(p, flags|unix.O_CLOEXEC, 0)
+	runtime.KeepAlive(f)
 	if err != nil {
 		return nil, &os.PathError{Op: "reopen", Path: f.Name(), Err: err}
 	}
-	return os.NewFile(uintptr(fd), f.Name()), nil
+	return os.NewFile(uintptr(fd), name), nil
 }
 
 // openControl opens a private /dev/loop-control and locks it. A new OFD for
