@@ -83,6 +83,10 @@ func attachBacking(ctx context.Context, f *os.File, opts Options, dio bool) (*De
 		return nil, fmt.Errorf("attach %s: %w", f.Name(), err)
 	}
 	defer func() { b.file.Close() }()
+	b.lock = opts.BackingLock
+	if err := b.lockFile(); err != nil {
+		return nil, fmt.Errorf("attach %s: %w", b.path, err)
+	}
 	if b.isBlock {
 		if d, ok, err := shortcut(ctx, b, &opts); ok || err != nil {
 			if err != nil {

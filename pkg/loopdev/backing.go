@@ -21,6 +21,18 @@ type backing struct {
 	size      uint64
 	st        unix.Stat_t
 	blockSize uint32 // device's logical block size for block backings
+	lock      LockState
+}
+
+// lockFile takes the requested flock on the fd the kernel will hold.
+func (b *backing) lockFile() error {
+	if b.lock == LockNone {
+		return nil
+	}
+	if err := unix.Flock(int(b.file.Fd()), lockHow(b.lock)|unix.LOCK_NB); err != nil {
+		return fmt.Errorf("lock backing %s: %w", b.path, os.NewSyscallError("flock", err))
+	}
+	return nil
 }
 
 const openBase = unix.O_CLOEXEC | unix.O_NONBLOCK | unix.O_NOCTTY
@@ -166,7 +178,7 @@ func (b *backing) reopenBuffered() error {
 	}
 	b.file.Close()
 	b.file, b.direct = nf, false
-	return nil
+	return b.lockFile()
 }
 
 // probeGPTSectorSize looks for "EFI PART" at the offsets a GPT header sits at

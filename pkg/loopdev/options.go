@@ -77,6 +77,11 @@ type Options struct {
 	// WaitPartitions opens the uevent socket before the attach ioctl, so a
 	// later WaitPartitions misses no event of this attachment.
 	WaitPartitions bool
+	// BackingLock takes a non-blocking flock on the open file description
+	// the loop device holds (not the caller's), so the lock lasts exactly as
+	// long as the binding: exclusive for exclusive writers, shared for
+	// readers. A conflicting holder gives EWOULDBLOCK.
+	BackingLock LockState
 	// RemoveDevice deletes /dev/loopN with LOOP_CTL_REMOVE after Detach, as
 	// systemd does. Off by default: on 6.18 the removal (del_gendisk) costs
 	// ~50 ms per device, ten times a whole attach+detach cycle, and
@@ -124,6 +129,9 @@ func (o *Options) wantDirectIO() bool {
 func (o *Options) validate() error {
 	if o.Access < AccessAuto || o.Access > AccessReadOnly {
 		return invalidf("access mode %d", o.Access)
+	}
+	if o.BackingLock < LockNone || o.BackingLock > LockExclusive {
+		return invalidf("backing lock state %d", o.BackingLock)
 	}
 	if o.Lock < LockNone || o.Lock > LockExclusive {
 		return invalidf("lock state %d", o.Lock)

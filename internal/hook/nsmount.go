@@ -1,0 +1,219 @@
+package hook
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Placement says where and how a detached mount is attached in the container.
+type Placement struct {
+	Rootfs     string // rootfs path as seen in the container mount ns before pivot_root
+	Dest       string // clean absolute destination inside the rootfs
+	InRoot     bool   // follow symlinks in-root (dest_symlinks = "in-root") instead of refusing them
+	CreateDest bool
+}
+
+// inNamespace runs fn on a dedicated, locked OS thread that has entered the
+// container's mount namespace. The thread unshares its fs_struct first
+// (setns(CLONE_NEWNS) fails with EINVAL otherwise in a multi-threaded
+// process) and is discarded afterwards: the goroutine exits without
+// UnlockOSThread, so the runtime kills the tainted thread.
+func (c *Container) inNamespace(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if unix.Gettid() == unix.Getpid() {
+			// The main thread can never be discarded (Go wedges it instead)
+			// and /proc/self follows it: keep it locked here, untouched, so
+			// that the worker below is scheduled on another thread.
+			defer runtime.UnlockOSThread()
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				runtime.LockOSThread()
+				errc <- c.enterAndRun(fn)
+			}()
+			<-done
+			return
+		}
+		errc <- c.enterAndRun(fn)
+	}()
+	return <-errc
+}
+
+// enterAndRun runs on a locked thread other than the main thread; the
+// thread is tainted afterwards and must not be unlocked.
+func (c *Container) enterAndRun(fn func() error) error {
+	if unix.Gettid() == unix.Getpid() {
+		return errors.New("[bug] refusing to enter a namespace on the main thread")
+	}
+	if err := unix.Unshare(unix.CLONE_FS); err != nil {
+		return fmt.Errorf("unshare CLONE_FS: %w", err)
+	}
+	if err := unix.Setns(c.pidfd, unix.CLONE_NEWNS); err != nil {
+		return fmt.Errorf("enter mount namespace of process %d: %w", c.Pid, err)
+	}
+	return fn()
+}
+
+// ResolveDests opens every destination inside the container, before anything
+// is attached, and returns O_PATH fds pinning them. Before pivot_root "/" of
+// the container namespace is the host root and the image author controls
+// every component below the rootfs: each destination is resolved with
+// openat2 RESOLVE_IN_ROOT relative to the rootfs fd (refusing all symlinks
+// unless InRoot), checked not to sit on a shared mount, and later the mount
+// is attached to that very fd, never to a path string (CVE-2021-30465).
+func (c *Container) ResolveDests(ps []Placement) ([]*os.File, error) {
+	var fds []*os.File
+	err := c.inNamespace(func() error {
+		for _, p := range ps {
+			rootfd, err := unix.Open(p.Rootfs, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("open container rootfs %s: %s", p.Rootfs, errnoText(err))
+			}
+			destfd, err := resolveDest(rootfd, p)
+			unix.Close(rootfd)
+			if err != nil {
+				return err
+			}
+			f := os.NewFile(uintptr(destfd), p.Dest)
+			fds = append(fds, f)
+			if err := checkNotShared(destfd, p.Dest); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		for _, f := range fds {
+			f.Close()
+		}
+		return nil, err
+	}
+	return fds, nil
+}
+
+// MoveInto attaches the detached mount mnt onto the destination fd from
+// ResolveDests, from inside the container's mount namespace (move_mount
+// needs the target in the caller's namespace). The host never sees it.
+func (c *Container) MoveInto(mnt, dest *os.File) error {
+	return c.inNamespace(func() error {
+		err := unix.MoveMount(int(mnt.Fd()), "", int(dest.Fd()), "", unix.MOVE_MOUNT_F_EMPTY_PATH|unix.MOVE_MOUNT_T_EMPTY_PATH)
+		runtime.KeepAlive(mnt)
+		runtime.KeepAlive(dest)
+		if err != nil {
+			return fmt.Errorf("move mount onto %s: %w", dest.Name(), err)
+		}
+		return nil
+	})
+}
+
+// resolveDest opens the destination directory in-root. With InRoot false any
+// symlink is refused (RESOLVE_NO_SYMLINKS); with it, symlinks are followed
+// but can never leave the rootfs. Magic links are always refused.
+func resolveDest(rootfd int, p Placement) (int, error) {
+	resolve := uint64(unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS)
+	if !p.InRoot {
+		resolve |= unix.RESOLVE_NO_SYMLINKS
+	}
+	how := &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: resolve}
+	fd, err := openat2Retry(rootfd, p.Dest, how)
+	if errors.Is(err, unix.ENOENT) && p.CreateDest {
+		if err := mkdirInRoot(rootfd, p.Dest, how); err != nil {
+			return -1, err
+		}
+		fd, err = openat2Retry(rootfd, p.Dest, how)
+	}
+	if err != nil {
+		switch {
+		case errors.Is(err, unix.ELOOP):
+			return -1, refusedf("destination %s: symlink refused", p.Dest)
+		case errors.Is(err, unix.ENOENT):
+			return -1, refusedf("destination %s does not exist in the container", p.Dest)
+		case errors.Is(err, unix.ENOTDIR):
+			return -1, refusedf("destination %s is not a directory", p.Dest)
+		case errors.Is(err, unix.EXDEV):
+			return -1, refusedf("destination %s escapes the container root", p.Dest)
+		}
+		return -1, fmt.Errorf("resolve destination %s: %w", p.Dest, err)
+	}
+	return fd, nil
+}
+
+// openat2Retry retries EAGAIN, which RESOLVE_IN_ROOT returns when a rename
+// raced the lookup (the kernel refuses to guess).
+func openat2Retry(dirfd int, path string, how *unix.OpenHow) (int, error) {
+	var err error
+	for range 16 {
+		var fd int
+		fd, err = unix.Openat2(dirfd, path, how)
+		if err == nil {
+			return fd, nil
+		}
+		if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) {
+			return -1, err
+		}
+	}
+	return -1, err
+}
+
+// mkdirInRoot creates the missing components of dest one by one, each with
+// mkdirat relative to its in-root resolved parent fd.
+func mkdirInRoot(rootfd int, dest string, how *unix.OpenHow) error {
+	parts := strings.Split(strings.TrimPrefix(dest, "/"), "/")
+	parent := "/"
+	for _, part := range parts {
+		next := strings.TrimSuffix(parent, "/") + "/" + part
+		fd, err := openat2Retry(rootfd, next, how)
+		if err == nil {
+			unix.Close(fd)
+			parent = next
+			continue
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return refusedf("destination %s: create %s: %s", dest, next, errnoText(err))
+		}
+		pfd, err := openat2Retry(rootfd, parent, how)
+		if err != nil {
+			return refusedf("destination %s: open %s: %s", dest, parent, errnoText(err))
+		}
+		err = unix.Mkdirat(pfd, part, 0o755)
+		unix.Close(pfd)
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("destination %s: create %s: %w", dest, next, err)
+		}
+		parent = next
+	}
+	return nil
+}
+
+// checkNotShared refuses a destination whose mount is shared: a mount made
+// there would propagate to its peers, possibly the host.
+func checkNotShared(destfd int, dest string) error {
+	var stx unix.Statx_t
+	if err := unix.Statx(destfd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID, &stx); err != nil {
+		return fmt.Errorf("statx destination %s: %w", dest, err)
+	}
+	if stx.Mask&unix.STATX_MNT_ID == 0 {
+		return fmt.Errorf("destination %s: kernel reports no mount id", dest)
+	}
+	// thread-self: this thread is in the container's namespace, the process
+	// leader is not.
+	info, err := os.ReadFile("/proc/thread-self/mountinfo")
+	if err != nil {
+		return fmt.Errorf("read container mountinfo: %w", err)
+	}
+	found, shared := mountInfoShared(info, stx.Mnt_id)
+	if !found {
+		return fmt.Errorf("destination %s: %w", dest, errNoMountID)
+	}
+	if shared {
+		return refusedf("destination %s is on a shared mount (it would propagate out of the container)", dest)
+	}
+	return nil
+}
