@@ -55,6 +55,7 @@ type Device struct {
 	owned       bool
 	closed      bool
 	remove      bool // LOOP_CTL_REMOVE after the clear
+	shortcut    bool // the block-device backing itself: nothing was attached
 }
 
 func (d *Device) Path() string         { return d.path }

@@ -3,7 +3,6 @@ package loopdev
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -13,10 +12,6 @@ import (
 // Devnum is a device number (dev_t). This file is the only place that takes
 // one apart; everywhere else it is opaque and printed as "major:minor".
 type Devnum uint64
-
-// loopMajor is the block major of loop disks (partitions without max_part use
-// the extended major 259, so never derive a partition's devnum from it).
-const loopMajor = 7
 
 func (d Devnum) Major() uint32  { return unix.Major(uint64(d)) }
 func (d Devnum) Minor() uint32  { return unix.Minor(uint64(d)) }
@@ -80,12 +75,4 @@ func devnumOfNode(path string) (Devnum, error) {
 		return 0, &os.PathError{Op: "stat", Path: path, Err: unix.ENOTBLK}
 	}
 	return devnumOfStat(&st), nil
-}
-
-// nodeName is the /dev name of a sysfs block directory.
-func nodeName(sysdir string) string {
-	if r, err := filepath.EvalSymlinks(sysdir); err == nil {
-		sysdir = r
-	}
-	return "/dev/" + filepath.Base(sysdir)
 }

@@ -3,6 +3,7 @@ package loopdev
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"runtime"
 	"time"
@@ -12,9 +13,12 @@ import (
 
 // Poll interval for LOCK_NB polling: start small, double, cap. systemd blocks
 // forever in flock; a stuck holder would wedge every allocation (R21).
+// The cap is low because udev workers take LOCK_SH on a whole disk back to
+// back: a waiter for LOCK_EX that sleeps 50 ms misses the short gaps and
+// starves (seen with 8 workers under a 32-goroutine stress run).
 const (
 	lockPollMin = time.Millisecond
-	lockPollMax = 50 * time.Millisecond
+	lockPollMax = 4 * time.Millisecond
 )
 
 // flockPoll takes a flock with LOCK_NB, polling until ctx is done. With
@@ -32,7 +36,8 @@ func flockPoll(ctx context.Context, fd int, how int, nonBlocking bool) error {
 		if nonBlocking && err == unix.EWOULDBLOCK {
 			return os.NewSyscallError("flock", err)
 		}
-		t := time.NewTimer(delay)
+		// Jitter keeps waiters from polling in lockstep.
+		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
 		select {
 		case <-ctx.Done():
 			t.Stop()

@@ -53,7 +53,8 @@ func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 	d := &Device{file: f, path: real, nr: -1, devnum: devnum, readOnly: acc == unix.O_RDONLY,
 		fences: Fences{SeqnumNotBefore: math.MaxUint64}}
 	fd := int(f.Fd())
-	if info, err := unix.IoctlLoopGetStatus64(fd); err == nil {
+	// A partition of a loop disk answers LOOP_GET_STATUS64 for its parent.
+	if info, err := unix.IoctlLoopGetStatus64(fd); err == nil && isLoopDisk(devnum) {
 		d.nr = int(info.Number)
 		d.backing = BackingID{Dev: info.Device, Ino: info.Inode}
 		d.offset = info.Offset
@@ -324,4 +325,11 @@ func Add(ctx context.Context, nr int) error {
 	}
 	_, err = ensureNode("/dev/loop"+strconv.Itoa(nr), nr)
 	return err
+}
+
+// isLoopDisk reports whether devnum is a whole loop device, not one of its
+// partitions (which have no loop/ directory in sysfs).
+func isLoopDisk(devnum Devnum) bool {
+	_, err := os.Stat(devnum.SysfsDir() + "/loop")
+	return err == nil
 }

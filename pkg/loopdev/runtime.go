@@ -3,6 +3,7 @@ package loopdev
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -38,9 +39,10 @@ func (d *Device) Unrelinquish() error {
 	return nil
 }
 
-// SetAutoclear sets or clears LO_FLAGS_AUTOCLEAR; a no-op on foreign handles.
+// SetAutoclear sets or clears LO_FLAGS_AUTOCLEAR. It is a no-op on handles
+// that are not owned (opened or relinquished): Unrelinquish first.
 func (d *Device) SetAutoclear(on bool) (changed bool, err error) {
-	if d.nr < 0 {
+	if d.nr < 0 || !d.Owned() {
 		return false, nil
 	}
 	return d.patchStatus(func(info *unix.LoopInfo64) bool {
@@ -74,7 +76,7 @@ func (d *Device) SetFilename(name string) (changed bool, err error) {
 // can fail with EAGAIN).
 func (d *Device) RefreshSize(ctx context.Context, offset, size uint64) (changed bool, err error) {
 	if d.nr < 0 {
-		return false, fmt.Errorf("refresh size of %s: %w", d.path, ErrForeign)
+		return d.resizePartition(offset, size)
 	}
 	if err := d.checkAlive(); err != nil {
 		return false, err
@@ -152,4 +154,52 @@ func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) e
 		return fmt.Errorf("lock %s: %w", d.path, err)
 	}
 	return nil
+}
+
+// resizePartition refreshes the size of a foreign handle that wraps a
+// partition (spec 9.2): BLKPG_RESIZE_PARTITION on the parent disk. The kernel
+// cannot move a partition's start; asking for another offset gives EINVAL.
+func (d *Device) resizePartition(offset, size uint64) (bool, error) {
+	dir := d.devnum.SysfsDir()
+	pno, err := readAttrUint(dir + "/partition")
+	if err != nil {
+		return false, fmt.Errorf("refresh size of %s: not a loop device or partition: %w", d.path, unix.ENOTTY)
+	}
+	start, err := readAttrUint(dir + "/start")
+	if err != nil {
+		return false, fmt.Errorf("refresh size of %s: %w", d.path, err)
+	}
+	parent, err := readSysfsDevnum(dir + "/../dev")
+	if err != nil {
+		return false, fmt.Errorf("refresh size of %s: parent disk: %w", d.path, err)
+	}
+	cur, err := unix.IoctlGetUint64(int(d.file.Fd()), unix.BLKGETSIZE64)
+	if err != nil {
+		return false, fmt.Errorf("BLKGETSIZE64 %s: %w", d.path, err)
+	}
+	start *= 512
+	if (offset == Unchanged || offset == start) && (size == Unchanged || size == cur) {
+		return false, nil
+	}
+	if offset == Unchanged {
+		offset = start
+	}
+	if size == Unchanged {
+		size = cur
+	}
+	real, err := filepath.EvalSymlinks(parent.SysfsDir())
+	if err != nil {
+		return false, fmt.Errorf("refresh size of %s: %w", d.path, err)
+	}
+	disk, err := openVerified("/dev/"+filepath.Base(real), parent, 0, unix.O_RDWR, true)
+	if err != nil {
+		return false, fmt.Errorf("refresh size of %s: open parent: %w", d.path, err)
+	}
+	defer disk.Close()
+	p := unix.BlkpgPartition{Pno: int32(pno), Start: int64(offset), Length: int64(size)}
+	if err := blkpg(disk, unix.BLKPG_RESIZE_PARTITION, &p); err != nil {
+		return false, fmt.Errorf("BLKPG_RESIZE_PARTITION %s: %w", d.path, err)
+	}
+	d.size = size
+	return true, nil
 }

@@ -13,13 +13,14 @@ import (
 )
 
 // defaultTeardownTimeout bounds Detach and Close, which take no context.
-const defaultTeardownTimeout = 30 * time.Second
+const defaultTeardownTimeout = 60 * time.Second
 
 // Detach is the full locked teardown of an owned device (spec 8.1). It
 // returns nil when the device was cleared and removed, an error matching
 // ErrDetachDeferred when a mount or another opener still holds it (the
 // kernel unbinds it at the last close), and ErrNotOwned for a handle that is
-// not owned. On the block-device shortcut it equals Close. The handle is
+// not owned (opened or relinquished: see Unrelinquish). On the
+// block-device shortcut it equals Close. The handle is
 // unusable afterwards, whatever the result.
 func (d *Device) Detach() error {
 	ctx, cancel := context.WithTimeout(context.Background(), defaultTeardownTimeout)
@@ -34,7 +35,7 @@ func (d *Device) DetachContext(ctx context.Context) error {
 	if d.closed {
 		return fmt.Errorf("detach %s: %w", d.path, os.ErrClosed)
 	}
-	if !d.created {
+	if d.shortcut {
 		return d.closeLocked()
 	}
 	if !d.owned {

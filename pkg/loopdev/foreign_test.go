@@ -1,0 +1,127 @@
+package loopdev
+
+// Foreign state on the chosen device: R5, R6.
+
+import (
+	"fmt"
+	"os/exec"
+	"testing"
+)
+
+// R5: a device bound by someone else between get-free and our lock is
+// skipped, and that binding is left intact.
+func TestR05_NeverClobberForeignBinding(t *testing.T) {
+	dir := rootDir(t)
+	img := newImage(t, dir, "r05.img", 4<<20)
+	other := newImage(t, dir, "tenant.img", 4<<20)
+	var tn *tenant
+	var hookErr error
+	o := Options{faultHook: func(step string, nr int) error {
+		if step == stepGetFree && tn == nil && hookErr == nil {
+			tn, hookErr = bindTenant(nr, other)
+		}
+		return nil
+	}}
+	d := attachT(t, img, o)
+	if hookErr != nil {
+		t.Fatalf("tenant bind: %v", hookErr)
+	}
+	t.Cleanup(tn.release)
+	if d.Nr() == tn.nr {
+		t.Fatalf("library took loop%d, which the tenant had bound", tn.nr)
+	}
+	if err := tn.intact(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.intact(); err != nil {
+		t.Fatalf("after our Detach: %v", err)
+	}
+}
+
+// R6: stale partitions on the chosen unbound device are deleted and the
+// attempt restarts; the attached device shows exactly the image's partitions.
+func TestR06_ZeroStalePartitions(t *testing.T) {
+	dir := rootDir(t)
+	testRequireBins(t, "addpart")
+	img := gptImage(t, dir, "r06.img", 32<<20, 512, []gptPart{
+		{Type: gptTypeLinux, Name: "a", Start: 2048, Len: 8192},
+		{Type: gptTypeLinux, Name: "b", Start: 10240, Len: 8192},
+	})
+	other := newImage(t, dir, "stale.img", 64<<20)
+	getFree := 0
+	staleNr := -1
+	var hookErr error
+	o := Options{Partscan: true, faultHook: func(step string, nr int) error {
+		if step != stepGetFree {
+			return nil
+		}
+		getFree++
+		if staleNr >= 0 || hookErr != nil {
+			return nil
+		}
+		// Leave a partition on the unbound device: bind without partscan,
+		// add p3 with BLKPG, clear. The kernel keeps p3 on the unbound disk.
+		tn, err := bindTenant(nr, other)
+		if err != nil {
+			hookErr = err
+			return nil
+		}
+		out, err := exec.Command("addpart", fmt.Sprintf("/dev/loop%d", nr), "3", "40960", "4096").CombinedOutput()
+		tn.release()
+		if err != nil {
+			hookErr = fmt.Errorf("addpart: %v: %s", err, out)
+			return nil
+		}
+		staleNr = nr
+		return nil
+	}}
+	d := attachT(t, img, o)
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
+	if staleNr < 0 {
+		t.Fatal("hook never ran")
+	}
+	if getFree < 2 {
+		t.Errorf("stale partitions did not restart the attempt (%d get-free calls)", getFree)
+	}
+	if staleNr != d.Nr() {
+		if p := sysPartitions(staleNr); len(p) != 0 {
+			t.Errorf("stale partitions %v left on loop%d", p, staleNr)
+		}
+	}
+	if !kernelHasPartitionParser() {
+		// No GPT parser in this kernel: partitions only come from BLKPG.
+		if p := sysPartitions(d.Nr()); len(p) != 0 {
+			t.Fatalf("%s carries partitions %v before we added any", d.Path(), p)
+		}
+		for _, p := range []struct{ nr, start, n uint64 }{{1, 2048, 8192}, {2, 10240, 8192}} {
+			if err := d.AddPartition(int(p.nr), p.start*512, p.n*512); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	parts, err := d.Partitions()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := fmt.Sprint(parts)
+	if len(parts) != 2 || parts[0].Nr != 1 || parts[0].Start != 2048*512 || parts[1].Nr != 2 || parts[1].Start != 10240*512 {
+		t.Errorf("partitions %s, want exactly the image's p1@1MiB and p2@5MiB", got)
+	}
+	if sp := sysPartitions(d.Nr()); len(sp) != 2 {
+		t.Errorf("sysfs shows %v", sp)
+	}
+}
+
+func testRequireBins(t *testing.T, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if _, err := exec.LookPath(n); err != nil {
+			t.Skipf("needs %s", n)
+		}
+	}
+}

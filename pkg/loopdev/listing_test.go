@@ -1,0 +1,129 @@
+package loopdev
+
+// Listing, sweeping and detach-and-wait (spec 9.1, 11.2, 11.8).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestFindByBackingAndList(t *testing.T) {
+	dir := rootDir(t)
+	img := newImage(t, dir, "list.img", 8<<20)
+	a := attachT(t, img, Options{FileName: "loopkit-test:list"})
+	b := attachT(t, img, Options{Access: AccessReadOnly, Offset: 1 << 20})
+	infos, err := FindByBacking(a.BackingID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]Info{}
+	for _, i := range infos {
+		found[i.Path] = i
+	}
+	if len(infos) != 2 || found[a.Path()].Path == "" || found[b.Path()].Path == "" {
+		t.Fatalf("FindByBacking: %+v, want %s and %s", infos, a.Path(), b.Path())
+	}
+	ia, ib := found[a.Path()], found[b.Path()]
+	if ia.BackingFile != img || ia.DiskSeq != a.DiskSeq() || ia.Devnum != a.Devnum() || !ia.Autoclear || ia.ReadOnly || ia.FileName != "loopkit-test:list" {
+		t.Errorf("info of %s: %+v", a.Path(), ia)
+	}
+	if !ib.ReadOnly || ib.Offset != 1<<20 {
+		t.Errorf("info of %s: %+v", b.Path(), ib)
+	}
+	if err := Verify(ia.Record()); err != nil {
+		t.Errorf("Verify(Info.Record()): %v", err)
+	}
+	if err := os.Remove(img); err != nil {
+		t.Fatal(err)
+	}
+	infos, _ = FindByBacking(a.BackingID())
+	for _, i := range infos {
+		if !i.Deleted || i.BackingFile != img {
+			t.Errorf("after unlink: %+v, want Deleted and the path without the suffix", i)
+		}
+	}
+}
+
+func TestSweep(t *testing.T) {
+	dir := rootDir(t)
+	img := newImage(t, dir, "sweep.img", 8<<20)
+	prefix := fmt.Sprintf("loopkit-test-sweep-%d:", rand.Uint64())
+	ctx := testCtx(t, time.Minute)
+	orphan := attachT(t, img, Options{Keep: true, FileName: prefix + "orphan"})
+	alive := attachT(t, img, Options{Keep: true, FileName: prefix + "alive"})
+	other := attachT(t, img, Options{Keep: true, FileName: "someone-else:orphan"})
+	for _, d := range []*Device{orphan, alive, other} {
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, d := range []*Device{alive, other} {
+			_ = DetachRecord(context.Background(), d.Record())
+		}
+	})
+	if _, err := Sweep(ctx, "", func(Info) bool { return true }); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("empty prefix: %v, want ErrInvalidArgument", err)
+	}
+	done, err := Sweep(ctx, prefix, func(i Info) bool { return i.FileName == prefix+"orphan" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(done) != 1 || done[0].Path != orphan.Path() {
+		t.Fatalf("swept %+v, want only %s", done, orphan.Path())
+	}
+	if stillOurs(orphan.Record()) {
+		t.Error("orphan still bound")
+	}
+	for _, d := range []*Device{alive, other} {
+		if err := Verify(d.Record()); err != nil {
+			t.Errorf("%s touched by the sweep: %v", d.Path(), err)
+		}
+	}
+}
+
+func TestDetachAndWait(t *testing.T) {
+	dir := rootDir(t)
+	privateMountNS(t)
+	img := ext4Image(t, dir, "wait.img", 32<<20)
+	d := attachT(t, img, Options{})
+	mnt := mkdir(t, filepath.Join(dir, "m"))
+	mountT(t, d.Path(), mnt, "ext4", unix.MS_RDONLY, "")
+	rec := d.Record()
+	// The mount lives in this thread's namespace: wait in a goroutine,
+	// unmount here.
+	res := make(chan error, 1)
+	wctx := testCtx(t, 30*time.Second)
+	go func() { res <- d.DetachAndWait(wctx) }()
+	time.Sleep(200 * time.Millisecond)
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-res; err != nil {
+		t.Fatalf("DetachAndWait: %v", err)
+	}
+	if stillOurs(rec) {
+		t.Fatal("still bound after DetachAndWait returned nil")
+	}
+
+	d = attachT(t, img, Options{})
+	mountT(t, d.Path(), mnt, "ext4", unix.MS_RDONLY, "")
+	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	err := d.DetachAndWait(short)
+	if !errors.Is(err, ErrDetachDeferred) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("DetachAndWait with the mount kept: %v, want deferred and deadline", err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatal(err)
+	}
+	waitUnbound(t, d.Record(), 10*time.Second)
+}
