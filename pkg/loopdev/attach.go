@@ -198,7 +198,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}()
 	// Lock on a separate read-only OFD: it must be closable before LOOP_CLR_FD
 	// (an extra opener turns the clear lazy), and SELinux may deny rw opens.
-	if d.lock, err = reopen(main, openBase|unix.O_RDONLY); err != nil {
+	if d.lock, err = reopenOFD(main, openBase|unix.O_RDONLY); err != nil {
 		return nil, err
 	}
 	if err := flockPoll(ctx, int(d.lock.Fd()), unix.LOCK_EX, false); err != nil {
@@ -232,7 +232,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 		return nil, err
 	}
 	if !opts.forceNoDiskseq {
-		seq, err := getDiskseq(main)
+		seq, err := getDiskseq(main.Fd())
 		if err != nil && !errors.Is(err, ErrUnsupported) {
 			return nil, fmt.Errorf("BLKGETDISKSEQ %s: %w", node, err)
 		}
@@ -254,6 +254,9 @@ func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 	// AUTOCLEAR always: a crash before the caller decides never leaks a device.
 	// PARTSCAN is deferred (section 5.5) to avoid double scans.
 	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
+	if opts.KeepFromStart {
+		cfg.Info.Flags = 0 // the caller accepted the crash window (owner tag set)
+	}
 	if b.readOnly {
 		cfg.Info.Flags |= unix.LO_FLAGS_READ_ONLY
 	}
@@ -392,7 +395,7 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 }
 
 // finish runs the post-loop steps with the control lock still held (spec 3.7).
-func finish(ctx context.Context, ctl *os.File, d *Device, b *backing, opts *Options) (retErr error) {
+func finish(ctx context.Context, ctl *ofd, d *Device, b *backing, opts *Options) (retErr error) {
 	defer func() {
 		if retErr != nil {
 			// The device is owned now: full teardown with the control lock we hold.
@@ -421,7 +424,7 @@ func finish(ctx context.Context, ctl *os.File, d *Device, b *backing, opts *Opti
 		return fmt.Errorf("%s bound to %d/%d@%d, want %d/%d@%d: %w", d.path, info.Device, info.Inode, info.Offset,
 			d.backing.Dev, d.backing.Ino, opts.Offset, unix.EIO)
 	}
-	if info.Flags&unix.LO_FLAGS_AUTOCLEAR == 0 || (info.Flags&unix.LO_FLAGS_READ_ONLY != 0) != b.readOnly {
+	if (info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0) == opts.KeepFromStart || (info.Flags&unix.LO_FLAGS_READ_ONLY != 0) != b.readOnly {
 		return fmt.Errorf("%s flags %#x do not match the request: %w", d.path, info.Flags, unix.EIO)
 	}
 	if b.readOnly {
@@ -429,10 +432,12 @@ func finish(ctx context.Context, ctl *os.File, d *Device, b *backing, opts *Opti
 			return fmt.Errorf("%s not read-only in sysfs: %w", d.path, unix.EIO)
 		}
 	}
+	// Baseline for flush: what the disk had written when it became ours.
+	d.ioAtAttach, _ = readIOCounters(d.devnum)
 	if err := opts.fault(stepDone, d.nr); err != nil {
 		return err
 	}
-	if opts.Keep {
+	if opts.Keep && !opts.KeepFromStart {
 		if _, err := d.SetAutoclear(false); err != nil {
 			return err
 		}
@@ -499,8 +504,7 @@ func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysf
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: node, Err: err}
 	}
-	pf := os.NewFile(uintptr(pfd), node)
-	defer pf.Close()
+	defer unix.Close(pfd)
 	var st unix.Stat_t
 	if err := unix.Fstat(pfd, &st); err != nil {
 		return nil, &os.PathError{Op: "stat", Path: node, Err: err}
@@ -513,24 +517,24 @@ func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysf
 			diskseq = s
 		}
 	}
-	f, err := reopen(pf, openBase|acc)
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), openBase|acc, 0)
 	if err != nil {
-		return nil, err
+		return nil, &os.PathError{Op: "reopen", Path: node, Err: err}
 	}
 	if diskseq != 0 {
-		got, err := getDiskseq(f)
+		got, err := getDiskseq(uintptr(fd))
 		if err == nil && got != diskseq {
-			f.Close()
+			unix.Close(fd)
 			return nil, fmt.Errorf("%s diskseq %d, want %d: %w", node, got, diskseq, unix.ENXIO)
 		}
 	}
-	return f, nil
+	return os.NewFile(uintptr(fd), node), nil
 }
 
 // getDiskseq reads BLKGETDISKSEQ; "unsupported" errnos (old kernels answer
 // EINVAL on a loop device) give ErrUnsupported.
-func getDiskseq(f *os.File) (uint64, error) {
-	seq, err := unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETDISKSEQ)
+func getDiskseq(fd uintptr) (uint64, error) {
+	seq, err := unix.IoctlGetUint64(int(fd), unix.BLKGETDISKSEQ)
 	if err != nil {
 		if unsupportedErrno(err) {
 			return 0, fmt.Errorf("diskseq: %w", ErrUnsupported)
@@ -583,7 +587,7 @@ func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, er
 		d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	}
 	if !opts.forceNoDiskseq {
-		d.diskseq, _ = getDiskseq(f)
+		d.diskseq, _ = getDiskseq(f.Fd())
 	}
 	if opts.Lock != LockNone {
 		if err := d.Flock(ctx, opts.Lock, opts.LockNonBlocking); err != nil {

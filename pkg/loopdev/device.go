@@ -36,7 +36,7 @@ type Record struct {
 type Device struct {
 	mu      sync.Mutex
 	file    *os.File // main fd; never closed by a finalizer early (see Close)
-	lock    *os.File // separate OFD carrying the caller's flock, or nil
+	lock    *ofd     // separate OFD carrying the caller's flock, or nil
 	uevents *ueventSocket
 
 	path        string
@@ -54,8 +54,9 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
-	remove      bool // LOOP_CTL_REMOVE after the clear
-	shortcut    bool // the block-device backing itself: nothing was attached
+	remove      bool        // LOOP_CTL_REMOVE after the clear
+	shortcut    bool        // the block-device backing itself: nothing was attached
+	ioAtAttach  *ioCounters // diskstats when the attach finished, for flush
 }
 
 func (d *Device) Path() string         { return d.path }

@@ -17,8 +17,8 @@ import (
 // back: a waiter for LOCK_EX that sleeps 50 ms misses the short gaps and
 // starves (seen with 8 workers under a 32-goroutine stress run).
 const (
-	lockPollMin = time.Millisecond
-	lockPollMax = 4 * time.Millisecond
+	lockPollMin = 100 * time.Microsecond
+	lockPollMax = 2 * time.Millisecond
 )
 
 // flockPoll takes a flock with LOCK_NB, polling until ctx is done. With
@@ -69,9 +69,36 @@ func reopenNamed(f *os.File, flags int, name string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), name), nil
 }
 
+// ofd is an open file description the package uses internally (lock fds,
+// the control fd, probes) as a raw fd: *os.File would register it with the
+// poller and give it a finalizer, which costs more than the fd's use, and a
+// finalizer must never close a lock fd behind our back.
+type ofd struct{ fd int }
+
+func (o *ofd) Fd() uintptr { return uintptr(o.fd) }
+
+func (o *ofd) Close() error {
+	if o == nil || o.fd < 0 {
+		return nil
+	}
+	err := unix.Close(o.fd)
+	o.fd = -1
+	return err
+}
+
+// reopenOFD is reopen for an internal fd.
+func reopenOFD(f *os.File, flags int) (*ofd, error) {
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), flags|unix.O_CLOEXEC, 0)
+	runtime.KeepAlive(f)
+	if err != nil {
+		return nil, &os.PathError{Op: "reopen", Path: f.Name(), Err: err}
+	}
+	return &ofd{fd}, nil
+}
+
 // openControl opens a private /dev/loop-control and locks it. A new OFD for
 // every call: a shared fd would share the flock and remove the serialization.
-func openControl(ctx context.Context) (*os.File, error) {
+func openControl(ctx context.Context) (*ofd, error) {
 	fd, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		if err == unix.ENOENT {
@@ -79,7 +106,7 @@ func openControl(ctx context.Context) (*os.File, error) {
 		}
 		return nil, &os.PathError{Op: "open", Path: "/dev/loop-control", Err: err}
 	}
-	ctl := os.NewFile(uintptr(fd), "/dev/loop-control")
+	ctl := &ofd{fd}
 	if err := flockPoll(ctx, fd, unix.LOCK_EX, false); err != nil {
 		ctl.Close()
 		return nil, fmt.Errorf("lock /dev/loop-control: %w", err)

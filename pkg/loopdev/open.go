@@ -64,7 +64,7 @@ func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 			d.backingPath, _ = splitDeleted(s)
 		}
 	}
-	d.diskseq, _ = getDiskseq(f)
+	d.diskseq, _ = getDiskseq(f.Fd())
 	if opts.ExpectBacking != nil && *opts.ExpectBacking != d.backing {
 		f.Close()
 		return nil, fmt.Errorf("open %s: backing %v, want %v: %w", path, d.backing, *opts.ExpectBacking, ErrReused)
@@ -178,15 +178,28 @@ func cString(b []byte) string {
 }
 
 // FindByBacking returns every binding of one file (a file may be attached
-// several times).
+// several times). Only candidates are opened: a device whose sysfs
+// backing_file names, in our mount namespace, another existing inode is
+// skipped without an open (every open of a device makes a concurrent
+// LOOP_CLR_FD of its owner lazy).
 func FindByBacking(id BackingID) ([]Info, error) {
-	all, err := List()
+	dirs, err := filepath.Glob("/sys/block/loop*")
 	if err != nil {
 		return nil, err
 	}
 	var out []Info
-	for _, i := range all {
-		if i.Backing == id {
+	for _, dir := range dirs {
+		bf, err := readAttr(dir + "/loop/backing_file")
+		if err != nil {
+			continue
+		}
+		if p, deleted := splitDeleted(bf); !deleted {
+			var st unix.Stat_t
+			if unix.Stat(p, &st) == nil && (devOfStat(&st) != id.Dev || st.Ino != id.Ino) {
+				continue
+			}
+		}
+		if i, ok := inspect(dir); ok && i.Backing == id {
 			out = append(out, i)
 		}
 	}
@@ -232,7 +245,7 @@ func openRecord(rec Record) (*os.File, error) {
 		}
 		return nil, fmt.Errorf("LOOP_GET_STATUS64 %s: %w", rec.Path, err)
 	}
-	seq, serr := getDiskseq(f)
+	seq, serr := getDiskseq(f.Fd())
 	switch {
 	case serr == nil && rec.DiskSeq != 0 && seq != rec.DiskSeq:
 		f.Close()
@@ -264,7 +277,7 @@ func DetachRecord(ctx context.Context, rec Record) error {
 	d := &Device{file: f, path: rec.Path, nr: nr, devnum: rec.Devnum, diskseq: rec.DiskSeq,
 		backing: rec.Backing, offset: rec.Offset, created: true, owned: true}
 	if d.diskseq == 0 {
-		d.diskseq, _ = getDiskseq(f)
+		d.diskseq, _ = getDiskseq(f.Fd())
 	}
 	ctl, err := openControl(ctx)
 	if err != nil {

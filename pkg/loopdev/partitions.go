@@ -26,18 +26,28 @@ type Partition struct {
 // directory that carry a "partition" file.
 func listPartitions(disk Devnum) ([]Partition, error) {
 	dir := disk.SysfsDir()
-	entries, err := os.ReadDir(dir)
+	// Partitions are the sub-directories named <disk>p<N> (loop7p1); matching
+	// the name first spares a failed open per attribute file of the disk.
+	link, err := os.Readlink(dir) // /sys/dev/block/M:m -> ../../devices/.../loopN
 	if err != nil {
 		return nil, err
 	}
+	names, err := readDirNames(dir)
+	if err != nil {
+		return nil, err
+	}
+	prefix := filepath.Base(link) + "p"
 	var out []Partition
-	for _, e := range entries {
-		sub := filepath.Join(dir, e.Name())
+	for _, name := range names {
+		if !strings.HasPrefix(name, prefix) {
+			continue
+		}
+		sub := filepath.Join(dir, name)
 		pn, err := readAttrUint(filepath.Join(sub, "partition"))
 		if err != nil {
 			continue
 		}
-		p := Partition{Nr: int(pn), Path: "/dev/" + e.Name()}
+		p := Partition{Nr: int(pn), Path: "/dev/" + name}
 		p.Devnum, _ = readSysfsDevnum(filepath.Join(sub, "dev"))
 		if s, err := readAttrUint(filepath.Join(sub, "start")); err == nil {
 			p.Start = s * 512
@@ -49,6 +59,30 @@ func listPartitions(disk Devnum) ([]Partition, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Nr < out[j].Nr })
 	return out, nil
+}
+
+// readDirNames lists a directory with raw getdents (see readAttr for why).
+func readDirNames(dir string) ([]string, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
+	var names []string
+	buf := make([]byte, 8192)
+	for {
+		n, err := unix.ReadDirent(fd, buf)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &os.PathError{Op: "getdents", Path: dir, Err: err}
+		}
+		if n <= 0 {
+			return names, nil
+		}
+		_, _, names = unix.ParseDirent(buf[:n], -1, names)
+	}
 }
 
 // deletePartitions removes every partition synchronously with BLKPG, so the
@@ -120,7 +154,7 @@ func effectivePartscan(disk Devnum) bool {
 // open in that window scans twice and partitions flap. A read-only open and
 // close drains the pending scan state first (no IN_CLOSE_WRITE for udev).
 func enablePartscan(d *Device) error {
-	drain, err := reopen(d.file, openBase|unix.O_RDONLY)
+	drain, err := reopenOFD(d.file, openBase|unix.O_RDONLY)
 	if err != nil {
 		return err
 	}

@@ -144,7 +144,7 @@ func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) e
 		return nil
 	}
 	if d.lock == nil {
-		l, err := reopen(d.file, openBase|unix.O_RDONLY)
+		l, err := reopenOFD(d.file, openBase|unix.O_RDONLY)
 		if err != nil {
 			return err
 		}

@@ -2,10 +2,11 @@ package loopdev
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxAttr caps sysfs reads: backing_file is kernel text of at most PATH_MAX
@@ -14,20 +15,41 @@ const maxAttr = 8192
 
 // readAttr reads a single-line sysfs attribute, stripping only the trailing
 // newline: a backing file name may legitimately end in spaces.
+//
+// Raw syscalls, not os.Open: attach and detach read several attributes, and
+// *os.File's poller registration and finalizer cost more than the read.
 func readAttr(path string) (string, error) {
-	f, err := os.Open(path)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
-		return "", err
+		return "", &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxAttr+1))
-	if err != nil {
-		return "", fmt.Errorf("read %s: %w", path, err)
+	defer unix.Close(fd)
+	var small [128]byte
+	buf := small[:]
+	n := 0
+	for {
+		if n == len(buf) {
+			if len(buf) > maxAttr {
+				return "", fmt.Errorf("read %s: attribute longer than %d bytes: %w", path, maxAttr, ErrInvalidArgument)
+			}
+			buf = append(buf, make([]byte, len(buf))...)
+		}
+		m, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return "", &os.PathError{Op: "read", Path: path, Err: err}
+		}
+		if m == 0 {
+			break
+		}
+		n += m
 	}
-	if len(b) > maxAttr {
+	if n > maxAttr {
 		return "", fmt.Errorf("read %s: attribute longer than %d bytes: %w", path, maxAttr, ErrInvalidArgument)
 	}
-	return parseAttr(b), nil
+	return parseAttr(buf[:n]), nil
 }
 
 // parseAttr strips exactly one trailing newline.

@@ -58,7 +58,7 @@ func (d *Device) DetachContext(ctx context.Context) error {
 }
 
 // teardownLocked runs spec 8.1 steps 3-8 with the control lock held by ctl.
-func (d *Device) teardownLocked(ctx context.Context, ctl *os.File) error {
+func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	if d.lock != nil {
 		d.lock.Close()
 		d.lock = nil
@@ -68,8 +68,8 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *os.File) error {
 	f := d.file
 	var errs []error
 	// In-flight I/O at LOOP_CLR_FD can be lost: sync first, always.
-	if err := f.Sync(); err != nil {
-		errs = append(errs, fmt.Errorf("fsync %s: %w", d.path, err))
+	if err := d.flush(); err != nil {
+		errs = append(errs, err)
 	}
 	// Lock the main fd itself, not a new OFD: the lock lasts through the
 	// clear without adding an opener.
@@ -118,7 +118,7 @@ func (d *Device) stillBound() bool {
 
 // removeDevice deletes /dev/loopN after the clear, retrying EBUSY (udev or
 // blkid may still hold it): 39 calls, 5 ms doubling every 5th (≈5.7 s).
-func removeDevice(ctx context.Context, ctl *os.File, nr int, devnum Devnum) error {
+func removeDevice(ctx context.Context, ctl *ofd, nr int, devnum Devnum) error {
 	delay := 5 * time.Millisecond
 	for i := 1; ; i++ {
 		err := unix.IoctlSetInt(int(ctl.Fd()), unix.LOOP_CTL_REMOVE, nr)

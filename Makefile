@@ -1,0 +1,118 @@
+# loopkit: build, test, lint, bench, demo, install.
+# `make test` and `make demo` need root; `make test-unit` does not.
+
+SHELL := /bin/bash
+# Go 1.26 from /usr/local/go (where go.dev's tarball installs) wins over an
+# older distribution Go on PATH.
+export PATH := $(if $(wildcard /usr/local/go/bin/go),/usr/local/go/bin:)$(PATH):$(CURDIR)/bin/tools
+
+GO       ?= go
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+BINDIR   := $(DESTDIR)$(PREFIX)/bin
+LIBEXEC  := $(DESTDIR)$(PREFIX)/libexec
+
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT   ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
+STATICCHECK_VERSION ?= v0.8.2
+CRICTL_VERSION      ?= v1.37.0
+TOOLS               := $(CURDIR)/bin/tools
+
+# Extra flags for every `go test` (for example GOTESTFLAGS=-v).
+GOTESTFLAGS ?=
+# Tests of pkg/loopdev re-run with systemd-udevd running, and their env
+# (LOOPKIT_TEST_SCALE=1: the scaled stress run, 32 goroutines x 20 + 4 procs).
+LOOPDEV_STRESS_RUN ?= TestR01_|TestR19|HeavyDuty|Stress
+LOOPDEV_STRESS_ENV ?= LOOPKIT_TEST_SCALE=1
+# Benchmark knobs: bench/loopbench flags.
+BENCH_FLAGS ?= -workers 1,8,32 -n 512
+BENCH_TIME  ?= 200x
+
+.PHONY: all build test test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
+
+all: build
+
+build:
+	@mkdir -p bin
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/...
+
+# Everything, as root: vet, all packages with the integration tag, the
+# loopdev suite on the legacy (LOOP_SET_FD) path, and the loopdev stress
+# tests again with systemd-udevd probing every device. Stops at the first
+# failing step; the last lines are go test's own.
+test: require-root
+	$(GO) vet -tags integration ./...
+	$(GO) test $(GOTESTFLAGS) -tags integration -count=1 -timeout 60m ./...
+	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m ./pkg/loopdev/...
+	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' ./pkg/loopdev/
+
+test-unit:
+	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...
+
+# Benchmarks: markdown reports on stdout, progress on stderr. `make bench`
+# runs them all; BENCHMARKS.md records their output.
+bench: bench-loop bench-hook bench-snapshotter
+
+# Loop attach+detach side by side (loopkit, containerd, losetup) without and
+# with systemd-udevd, then the in-package Go benchmarks.
+bench-loop: require-root
+	@mkdir -p bin
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loopbench ./bench/loopbench
+	bin/loopbench $(BENCH_FLAGS)
+	scripts/with-udevd.sh bin/loopbench $(BENCH_FLAGS)
+	$(GO) test -run '^$$' -bench . -benchtime $(BENCH_TIME) ./pkg/...
+
+# oci-loop-hook latency under runc, state directory on tmpfs and on disk.
+bench-hook: require-root build
+	$(GO) build -o bin/hookbench ./bench/hookbench
+	bin/hookbench -hook bin/oci-loop-hook -n 50 -work /dev/shm
+	bin/hookbench -hook bin/oci-loop-hook -n 50 -work /tmp
+
+# loop-snapshotter against overlayfs and blockfile on ext4 and XFS.
+bench-snapshotter: require-root build
+	$(GO) build -o bin/snapbench ./bench/snapbench
+	bin/snapbench -fs ext4,xfs
+
+demo: require-root
+	scripts/demo.sh
+
+lint: $(TOOLS)/staticcheck
+	@unformatted="$$(gofmt -l .)"; \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet -tags integration ./...
+	$(TOOLS)/staticcheck -tags integration ./...
+	@if command -v shellcheck >/dev/null; then \
+		echo shellcheck -x .ci/run scripts/*.sh scripts/demo.d/*.sh; \
+		shellcheck -x .ci/run scripts/*.sh scripts/demo.d/*.sh; \
+	else echo "shellcheck not installed; shell scripts not checked (apt-get install shellcheck)"; fi
+
+tools: $(TOOLS)/staticcheck $(TOOLS)/crictl
+
+$(TOOLS)/staticcheck:
+	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+$(TOOLS)/crictl:
+	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+
+# The hook lives at $(PREFIX)/libexec/oci-loop-hook, the path hooks.d names.
+install: build
+	install -d $(BINDIR) $(LIBEXEC)
+	@for b in bin/*; do \
+		[ -f "$$b" ] || continue; \
+		case "$$(basename $$b)" in \
+		oci-loop-hook) t=$(LIBEXEC)/oci-loop-hook ;; \
+		*bench) continue ;; \
+		*) t=$(BINDIR)/ ;; \
+		esac; \
+		echo install -m 0755 $$b $$t; install -m 0755 $$b $$t; \
+	done
+	scripts/install-contrib.sh contrib "$(DESTDIR)"
+
+clean:
+	rm -rf bin _output
+
+.PHONY: require-root
+require-root:
+	@if [ "$$(id -u)" != 0 ]; then echo "this target needs root (try: make test-unit)" >&2; exit 1; fi

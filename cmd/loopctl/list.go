@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/loopkit/loopkit/pkg/loopdev"
+)
+
+func runList(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("list", "[FLAGS]", stderr)
+	under := fs.String("under", "", "only devices whose backing file lies under this directory")
+	tagPrefix := fs.String("tag-prefix", "", "only devices whose owner tag (lo_file_name) starts with this prefix")
+	asJSON := fs.Bool("json", false, "print a JSON array")
+	if err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	dir := ""
+	if *under != "" {
+		abs, err := filepath.Abs(*under)
+		if err != nil {
+			return usageError{err.Error()}
+		}
+		if r, err := filepath.EvalSymlinks(abs); err == nil {
+			abs = r
+		}
+		dir = abs
+	}
+	infos, err := loopdev.List()
+	if err != nil {
+		return fmt.Errorf("list loop devices: %w", err)
+	}
+	views := []deviceView{}
+	for _, i := range infos {
+		if dir != "" && !pathUnder(strings.TrimSuffix(i.BackingFile, " (deleted)"), dir) {
+			continue
+		}
+		if *tagPrefix != "" && !strings.HasPrefix(i.FileName, *tagPrefix) {
+			continue
+		}
+		views = append(views, viewOfInfo(i))
+	}
+	sort.Slice(views, func(a, b int) bool { return views[a].Nr < views[b].Nr })
+	if *asJSON {
+		return writeJSON(stdout, views)
+	}
+	return writeListText(stdout, views)
+}
+
+func pathUnder(p, dir string) bool {
+	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+func runInfo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("info", "[FLAGS] DEVICE", stderr)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := parseFlags(fs, args, 1); err != nil {
+		return err
+	}
+	path := fs.Arg(0)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	d, err := loopdev.Open(ctx, path, loopdev.OpenOptions{Access: loopdev.AccessReadOnly})
+	if err != nil {
+		return fmt.Errorf("info %s: %w", path, err)
+	}
+	defer d.Close()
+	info, err := findInfo(d)
+	if err != nil {
+		return fmt.Errorf("info %s: %w", path, err)
+	}
+	v := viewOfInfo(info)
+	if err := v.addDevice(d); err != nil {
+		return fmt.Errorf("info %s: %w", path, err)
+	}
+	if *asJSON {
+		return writeJSON(stdout, v)
+	}
+	return writeInfoText(stdout, v)
+}

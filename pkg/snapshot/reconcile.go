@@ -1,0 +1,215 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/loopkit/loopkit/pkg/loopdev"
+)
+
+// ownDevice is a loop device whose backing file lies under root.
+type ownDevice struct {
+	info  loopdev.Info
+	image string // backing path under root, " (deleted)" stripped
+	key   devKey // zero unless the backing is snapshots/<id>/image
+	gone  bool   // backing file deleted
+}
+
+// ownDevices lists the loop devices backed by files under root. sysfs
+// backing_file is the path at attach time as renamed since; the device is
+// ours only if that path is under root.
+func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
+	infos, err := loopdev.List()
+	if err != nil {
+		return nil, fmt.Errorf("list loop devices: %w", err)
+	}
+	var out []ownDevice
+	for _, info := range infos {
+		p, deleted := info.BackingFile, info.Deleted
+		rel, err := filepath.Rel(s.root, p)
+		if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+			continue
+		}
+		d := ownDevice{info: info, image: p, gone: deleted}
+		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "image" && !deleted {
+			r := roleRW
+			if info.ReadOnly {
+				r = roleRO
+			}
+			d.key = devKey{parts[1], r}
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// reconcile runs at startup, before serving: staging leftovers of a crash
+// go to trash (nothing is in flight yet), devices of live snapshots are
+// adopted (autoclear cleared), the others are detached, and with
+// attach_on_start = "eager" missing devices are attached.
+func (s *Snapshotter) reconcile(ctx context.Context) error {
+	staging := filepath.Join(s.root, "staging")
+	entries, err := os.ReadDir(staging)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if err := s.toTrash(filepath.Join(staging, e.Name()), "staging"); err != nil {
+			return err
+		}
+	}
+	needed, _, err := s.liveDevices(ctx)
+	if err != nil {
+		return err
+	}
+	own, err := s.ownDevices()
+	if err != nil {
+		return err
+	}
+	adopted := map[devKey]bool{}
+	for _, d := range own {
+		rec := recordOf(d.info)
+		if d.key.id != "" && needed[d.key] && !adopted[d.key] && d.info.Offset == 0 {
+			if d.info.Autoclear {
+				if err := clearAutoclear(ctx, rec); err != nil {
+					log.G(ctx).WithError(err).WithField("device", d.info.Path).Warn("adopt device: clear autoclear")
+					continue
+				}
+			}
+			adopted[d.key] = true
+			s.devs.remember(d.key, rec)
+			log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.image}).Info("adopted device")
+			continue
+		}
+		log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
+		if err := s.devs.detachRecord(ctx, rec, d.image); err != nil {
+			log.G(ctx).WithError(err).WithField("device", d.info.Path).Warn("detach orphan device")
+		} else {
+			s.m.orphansDetached.Add(1)
+		}
+	}
+	if s.cfg.AttachOnStart == "eager" {
+		for k := range needed {
+			if adopted[k] {
+				continue
+			}
+			if _, err := s.devs.ensure(ctx, k, s.imagePath(k.id)); err != nil {
+				log.G(ctx).WithError(err).WithField("id", k.id).Warn("attach on start")
+			}
+		}
+	}
+	return nil
+}
+
+// Cleanup deletes what Remove and crashes left: images in trash, staging
+// directories older than cleanup_grace, snapshot directories with no
+// record, and loop devices on images under root that no live snapshot
+// needs.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	var errs []error
+	s.cleanupMu.Lock()
+	needed, ids, err := s.liveDevices(ctx)
+	if err != nil {
+		s.cleanupMu.Unlock()
+		return err
+	}
+	entries, err := os.ReadDir(filepath.Join(s.root, "snapshots"))
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, e := range entries {
+		if _, ok := ids[e.Name()]; !ok {
+			if err := s.toTrash(filepath.Join(s.root, "snapshots", e.Name()), e.Name()); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	grace := time.Duration(s.cfg.CleanupGrace)
+	entries, _ = os.ReadDir(filepath.Join(s.root, "staging"))
+	for _, e := range entries {
+		if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) >= grace {
+			if err := s.toTrash(filepath.Join(s.root, "staging", e.Name()), "staging"); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	s.cleanupMu.Unlock()
+
+	own, err := s.ownDevices()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range own {
+		if d.key.id != "" && needed[d.key] {
+			continue
+		}
+		if err := s.detachOrphan(ctx, d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+
+	entries, _ = os.ReadDir(filepath.Join(s.root, "trash"))
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(s.root, "trash", e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// detachOrphan detaches d unless, under its device lock, a snapshot created
+// meanwhile turns out to need it.
+func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
+	if d.key.id != "" {
+		unlock := s.devs.lock(d.key)
+		defer unlock()
+		needed, _, err := s.liveDevices(ctx)
+		if err != nil {
+			return err
+		}
+		if needed[d.key] {
+			return nil
+		}
+		s.devs.forget(d.key)
+	}
+	log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
+	if err := s.devs.detachRecord(ctx, recordOf(d.info), d.image); err != nil {
+		return err
+	}
+	s.m.orphansDetached.Add(1)
+	return nil
+}
+
+// Purge detaches every loop device backed by a file under root. Tests call
+// it before Close so that a conformance-suite run leaves no device behind;
+// the daemon never does (running containers keep their devices).
+func (s *Snapshotter) Purge(ctx context.Context) error {
+	own, err := s.ownDevices()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range own {
+		if d.key.id != "" {
+			s.devs.forget(d.key)
+		}
+		rec := recordOf(d.info)
+		deferred, err := s.devs.detachRecordDeferred(ctx, rec, d.image)
+		if err == nil && deferred {
+			// A lister (or a leftover mount) holds it; wait, bounded, so
+			// callers see the device gone when Purge returns.
+			err = waitGone(ctx, rec)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,712 @@
+// Package snapshot implements loop-snapshotter's flat mode: a containerd
+// snapshotter whose snapshots are ext4 image files, each attached to its own
+// loop device through pkg/loopdev (snapshotter spec §10).
+//
+// Layout under root:
+//
+//	lock                 flock held by the running instance
+//	mode                 storage mode of this root ("flat")
+//	metadata.db          containerd storage.MetaStore (bbolt)
+//	templates/ext4-N.img empty ext4 images of N bytes
+//	snapshots/<id>/image one cumulative image per snapshot (id = MetaStore id)
+//	staging/new-*        images being cloned, not yet in the metadata
+//	trash/               removed images, deleted by Cleanup
+//
+// No clone, mkfs, resize2fs, e2fsck, fsync of an image or loopdev call runs
+// inside a metadata transaction; the lock order is device key, then
+// transaction.
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/pkg/config"
+)
+
+// LabelMaxSize is the per-snapshot filesystem size label (containerd 2.4,
+// core/snapshots.LabelSnapshotMaxSize), in decimal bytes.
+const LabelMaxSize = "containerd.io/snapshot/max-size"
+
+// ErrRootInUse is returned by New when another instance holds the root.
+var ErrRootInUse = errors.New("snapshotter root is in use by another instance")
+
+// Opt configures a Snapshotter.
+type Opt func(*Snapshotter)
+
+// WithFaultHook installs a test hook called at each named step of Prepare,
+// Commit and Remove (crash-safety tests kill the process there).
+func WithFaultHook(fn func(step string)) Opt {
+	return func(s *Snapshotter) { s.fault = fn }
+}
+
+// Snapshotter is the flat-mode loop snapshotter. It implements
+// snapshots.Snapshotter and snapshots.Cleaner.
+type Snapshotter struct {
+	root string
+	cfg  config.Snapshotter
+	ms   *storage.MetaStore
+	lock *os.File
+	devs *devices
+
+	// cleanupMu keeps Cleanup's scan of snapshots/ and staging/ away from a
+	// Prepare between its staging clone and its committed rename.
+	cleanupMu sync.RWMutex
+	tmplMu    sync.Mutex
+
+	closeOnce sync.Once
+	closeErr  error
+	fault     func(step string)
+
+	m   metrics
+	rpc rpcStats
+}
+
+var (
+	_ snapshots.Snapshotter = (*Snapshotter)(nil)
+	_ snapshots.Cleaner     = (*Snapshotter)(nil)
+)
+
+// New opens (or creates) the snapshotter state under cfg.Root, reconciles
+// loop devices with the metadata and returns a ready snapshotter.
+func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	root, err := filepath.Abs(cfg.Root)
+	if err != nil {
+		return nil, err
+	}
+	s := &Snapshotter{root: root, cfg: cfg, fault: func(string) {}}
+	for _, o := range opts {
+		o(s)
+	}
+	var directIO *bool
+	switch cfg.DirectIO {
+	case "on":
+		v := true
+		directIO = &v
+	case "off":
+		v := false
+		directIO = &v
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("create root: %w", err)
+	}
+	// sysfs reports backing files by their resolved path.
+	if root, err = filepath.EvalSymlinks(root); err != nil {
+		return nil, err
+	}
+	s.root = root
+	s.devs = newDevices(root, directIO, &s.m)
+	if err := s.lockRoot(); err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			s.lock.Close()
+		}
+	}()
+	if err := s.checkMode(); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"templates", "snapshots", "staging", "trash"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	s.ms, err = storage.NewMetaStore(filepath.Join(root, "metadata.db"))
+	if err != nil {
+		return nil, err
+	}
+	if err := s.reconcile(ctx); err != nil {
+		s.ms.Close()
+		return nil, fmt.Errorf("reconcile: %w", err)
+	}
+	ok = true
+	return s, nil
+}
+
+func (s *Snapshotter) lockRoot() error {
+	f, err := os.OpenFile(filepath.Join(s.root, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open root lock: %w", err)
+	}
+	// Held for the life of the process; the kernel drops it when we die.
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("%s: %w", s.root, ErrRootInUse)
+		}
+		return fmt.Errorf("lock root: %w", err)
+	}
+	s.lock = f
+	return nil
+}
+
+// checkMode records the storage mode in a new root and refuses a root made
+// in another mode (spec §3).
+func (s *Snapshotter) checkMode() error {
+	p := filepath.Join(s.root, "mode")
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return os.WriteFile(p, []byte(s.cfg.Mode+"\n"), 0o600)
+	}
+	if err != nil {
+		return err
+	}
+	if m := strings.TrimSpace(string(b)); m != s.cfg.Mode {
+		return fmt.Errorf("root %s was created in mode %q, configured mode is %q: %w", s.root, m, s.cfg.Mode, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+func (s *Snapshotter) imagePath(id string) string {
+	return filepath.Join(s.root, "snapshots", id, "image")
+}
+
+// Stat returns the info of a snapshot by key or name.
+func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	return info, err
+}
+
+// Update changes the labels of a snapshot; other field paths are rejected.
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (_ snapshots.Info, err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		info, err = storage.UpdateInfo(ctx, info, fieldpaths...)
+		return err
+	})
+	return info, err
+}
+
+// Walk calls fn for every snapshot matching the filters.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, fn, filters...)
+	})
+}
+
+// Usage reports the bytes a snapshot allocates on top of its parent: for
+// an active snapshot two stats (image and parent image), for a committed
+// one the value stored at Commit.
+func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
+	var (
+		id, parentID string
+		info         snapshots.Info
+	)
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		id, info, usage, err = storage.GetInfo(ctx, key)
+		if err != nil || info.Kind == snapshots.KindCommitted || info.Parent == "" {
+			return err
+		}
+		parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
+		return err
+	})
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	if info.Kind == snapshots.KindCommitted {
+		return usage, nil
+	}
+	if info.Kind == snapshots.KindView && info.Parent != "" {
+		return snapshots.Usage{}, nil // a view shares its parent's image
+	}
+	return imageUsage(s.imagePath(id), parentImage(s, parentID))
+}
+
+func parentImage(s *Snapshotter, parentID string) string {
+	if parentID == "" {
+		return ""
+	}
+	return s.imagePath(parentID)
+}
+
+// imageUsage is the allocated-bytes and used-inodes delta of image over
+// parent (floor 0).
+func imageUsage(image, parent string) (snapshots.Usage, error) {
+	size, err := allocated(image)
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	var inodes int64
+	if sb, err := readSuperblock(image); err == nil {
+		inodes = int64(sb.inodesCount) - int64(sb.freeInodesCount)
+	}
+	if parent != "" {
+		psize, err := allocated(parent)
+		if err != nil {
+			return snapshots.Usage{}, err
+		}
+		size -= psize
+		if sb, err := readSuperblock(parent); err == nil {
+			inodes -= int64(sb.inodesCount) - int64(sb.freeInodesCount)
+		}
+	}
+	return snapshots.Usage{Size: max(size, 0), Inodes: max(inodes, 0)}, nil
+}
+
+// Prepare creates an active snapshot: a clone of the parent image (or of an
+// empty template) attached read-write.
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of a committed parent. It shares the
+// parent's image through one read-only device; a view without a parent
+// gets its own empty image.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindView, key, parent, opts)
+}
+
+// targetSize resolves the filesystem size of a new snapshot from the
+// max-size label, else default_size (spec §10.4).
+func (s *Snapshotter) targetSize(labels map[string]string) (int64, error) {
+	v, ok := labels[LabelMaxSize]
+	if !ok {
+		return int64(s.cfg.DefaultSize), nil
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("label %s=%q: not a decimal number of bytes: %w", LabelMaxSize, v, errdefs.ErrInvalidArgument)
+	}
+	if n < config.MinSnapshotSize {
+		return 0, fmt.Errorf("label %s=%d: below the minimum %d: %w", LabelMaxSize, n, config.MinSnapshotSize, errdefs.ErrInvalidArgument)
+	}
+	if n > int64(s.cfg.MaxSize) {
+		return 0, fmt.Errorf("label %s=%d: above max_size %d: %w", LabelMaxSize, n, int64(s.cfg.MaxSize), errdefs.ErrInvalidArgument)
+	}
+	return (n + blockSize - 1) / blockSize * blockSize, nil
+}
+
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+	var base snapshots.Info
+	for _, o := range opts {
+		if err := o(&base); err != nil {
+			return nil, err
+		}
+	}
+	size, err := s.targetSize(base.Labels)
+	if err != nil {
+		return nil, err
+	}
+	// Cheap checks first, so a bad request clones nothing.
+	var parentID string
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
+			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		if parent == "" {
+			return nil
+		}
+		id, pinfo, _, err := storage.GetInfo(ctx, parent)
+		if err != nil {
+			return fmt.Errorf("parent %q: %w", parent, err)
+		}
+		if pinfo.Kind != snapshots.KindCommitted {
+			return fmt.Errorf("parent %q is not a committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
+		}
+		parentID = id
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	if kind == snapshots.KindView && parentID != "" {
+		var sn storage.Snapshot
+		if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+			sn, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+			return err
+		}); err != nil {
+			return nil, err
+		}
+		return s.attachNew(ctx, key, sn, devKey{parentID, roleRO}, s.imagePath(parentID))
+	}
+
+	sn, err := s.createImage(ctx, kind, key, parent, parentID, size, opts)
+	if err != nil {
+		return nil, err
+	}
+	r := roleRW
+	if kind == snapshots.KindView {
+		r = roleRO
+	}
+	return s.attachNew(ctx, key, sn, devKey{sn.ID, r}, s.imagePath(sn.ID))
+}
+
+// createImage clones the source image into staging, then records the
+// snapshot and renames the staging directory to snapshots/<id> in one short
+// write transaction.
+func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key, parent, parentID string, size int64, opts []snapshots.Opt) (storage.Snapshot, error) {
+	s.cleanupMu.RLock()
+	defer s.cleanupMu.RUnlock()
+
+	src := ""
+	if parentID != "" {
+		src = s.imagePath(parentID)
+	} else {
+		t, err := s.template(ctx, size)
+		if err != nil {
+			return storage.Snapshot{}, err
+		}
+		src = t
+	}
+	staging, err := os.MkdirTemp(filepath.Join(s.root, "staging"), "new-")
+	if err != nil {
+		return storage.Snapshot{}, err
+	}
+	defer func() {
+		if staging != "" {
+			os.RemoveAll(staging)
+		}
+	}()
+	img := filepath.Join(staging, "image")
+	method, err := cloneImage(src, img)
+	if err != nil {
+		return storage.Snapshot{}, err
+	}
+	st, err := os.Stat(img)
+	if err != nil {
+		return storage.Snapshot{}, err
+	}
+	if method == cloneReflink {
+		s.m.cloneReflink.Add(1)
+	} else {
+		s.m.cloneSparse.Add(1)
+	}
+	if size > st.Size() {
+		if err := growImage(ctx, img, size); err != nil {
+			return storage.Snapshot{}, err
+		}
+		s.m.resizes.Add(1)
+	} else if size < st.Size() {
+		if err := shrinkImage(ctx, img, size); err != nil {
+			return storage.Snapshot{}, err
+		}
+		s.m.resizes.Add(1)
+	}
+	s.fault("prepare-cloned")
+
+	var sn storage.Snapshot
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		sn, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+		if err != nil {
+			return err
+		}
+		dir := filepath.Join(s.root, "snapshots", sn.ID)
+		// A directory left by a crash before an earlier commit of this same
+		// id (the id sequence did not advance) is moved out of the way.
+		if _, err := os.Lstat(dir); err == nil {
+			if err := s.toTrash(dir, sn.ID); err != nil {
+				return err
+			}
+		}
+		if err := os.Rename(staging, dir); err != nil {
+			return fmt.Errorf("rename staging image: %w", err)
+		}
+		s.fault("prepare-renamed")
+		return nil
+	})
+	if err != nil {
+		if sn.ID != "" {
+			// The rename may have happened before the commit failed.
+			if _, serr := os.Stat(staging); errors.Is(serr, os.ErrNotExist) {
+				staging = filepath.Join(s.root, "snapshots", sn.ID)
+			}
+		}
+		return storage.Snapshot{}, err
+	}
+	staging = ""
+	syncDir(filepath.Join(s.root, "snapshots"))
+	log.G(ctx).WithFields(log.Fields{"key": key, "id": sn.ID, "clone": string(method), "size": size}).Debug("created image")
+	s.fault("prepare-committed")
+	return sn, nil
+}
+
+// attachNew attaches the device of a just-created snapshot and returns its
+// mounts; if the attach fails, the record is removed again.
+func (s *Snapshotter) attachNew(ctx context.Context, key string, sn storage.Snapshot, k devKey, image string) ([]mount.Mount, error) {
+	rec, err := s.devs.ensure(ctx, k, image)
+	if err == nil {
+		s.fault("prepare-attached")
+		return s.mounts(rec.Path, k.role), nil
+	}
+	if rerr := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, _, err := storage.Remove(ctx, key)
+		return err
+	}); rerr != nil {
+		log.G(ctx).WithError(rerr).WithField("key", key).Warn("undo snapshot record after failed attach")
+	} else if k.id == sn.ID {
+		if terr := s.toTrash(filepath.Dir(image), sn.ID); terr != nil {
+			log.G(ctx).WithError(terr).WithField("key", key).Warn("move image to trash after failed attach")
+		}
+	}
+	return nil, err
+}
+
+func (s *Snapshotter) mounts(device string, r role) []mount.Mount {
+	opt := "rw"
+	if r == roleRO {
+		opt = "ro"
+	}
+	return []mount.Mount{{
+		Type:    "ext4",
+		Source:  device,
+		Options: append([]string{opt}, s.cfg.MountOptions...),
+	}}
+}
+
+// template returns the path of the empty ext4 image of the given size,
+// making it on first use.
+func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) {
+	p := filepath.Join(s.root, "templates", "ext4-"+strconv.FormatInt(size, 10)+".img")
+	s.tmplMu.Lock()
+	defer s.tmplMu.Unlock()
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	tmp := p + ".tmp"
+	os.Remove(tmp)
+	if err := makeTemplate(ctx, tmp, size); err != nil {
+		os.Remove(tmp)
+		return "", err
+	}
+	if err := os.Rename(tmp, p); err != nil {
+		return "", err
+	}
+	return p, nil
+}
+
+// Mounts returns the mounts of an active snapshot or view, re-attaching its
+// device if it is gone (host reboot, detached by hand) or was reused.
+func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	var sn storage.Snapshot
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		sn, err = storage.GetSnapshot(ctx, key)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	k := deviceFor(sn)
+	rec, err := s.devs.ensure(ctx, k, s.imagePath(k.id))
+	if err != nil {
+		return nil, err
+	}
+	return s.mounts(rec.Path, k.role), nil
+}
+
+// deviceFor names the device an active snapshot or view is mounted from.
+func deviceFor(sn storage.Snapshot) devKey {
+	switch {
+	case sn.Kind == snapshots.KindActive:
+		return devKey{sn.ID, roleRW}
+	case len(sn.ParentIDs) > 0:
+		return devKey{sn.ParentIDs[0], roleRO}
+	default:
+		return devKey{sn.ID, roleRO}
+	}
+}
+
+// Commit turns an unmounted active snapshot into a committed one: detach
+// its device, replay a dirty journal, fsync, make the image read-only.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	var id, parentID string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var (
+			info snapshots.Info
+			err  error
+		)
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
+			return fmt.Errorf("committed snapshot %v: %w", name, errdefs.ErrAlreadyExists)
+		}
+		if info.Parent != "" {
+			parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	image := s.imagePath(id)
+	k := devKey{id, roleRW}
+	unlock := s.devs.lock(k)
+	defer unlock()
+	if err := s.devs.detachForCommit(ctx, k, image); err != nil {
+		return err
+	}
+	s.fault("commit-detached")
+	if replayed, err := replayJournal(ctx, image); err != nil {
+		return err
+	} else if replayed {
+		s.m.journalReplays.Add(1)
+		log.G(ctx).WithField("key", key).Info("replayed the journal of a dirty image at commit")
+	}
+	if err := syncPath(image); err != nil {
+		return err
+	}
+	usage, err := imageUsage(image, parentImage(s, parentID))
+	if err != nil {
+		return err
+	}
+	if err := os.Chmod(image, 0o444); err != nil {
+		return err
+	}
+	s.fault("commit-synced")
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	s.fault("commit-done")
+	return nil
+}
+
+// Remove deletes the record, detaches the snapshot's devices and moves its
+// image to trash; Cleanup deletes the trash.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var (
+		id, parentID string
+		kind         snapshots.Kind
+	)
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var (
+			info snapshots.Info
+			err  error
+		)
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		kind = info.Kind
+		if kind == snapshots.KindView && info.Parent != "" {
+			if parentID, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
+				return err
+			}
+		}
+		_, _, err = storage.Remove(ctx, key)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	s.fault("remove-recorded")
+	if parentID != "" {
+		// A view has no image of its own: release the parent's read-only
+		// device when no other view uses it.
+		if err := s.releaseViewDevice(ctx, parentID); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).Warn("release view device")
+		}
+		return nil
+	}
+	image := s.imagePath(id)
+	unlock := s.devs.lock(devKey{id, roleRW})
+	err = s.devs.detachImage(ctx, image, devKey{id, roleRW}, devKey{id, roleRO})
+	unlock()
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("detach removed snapshot's device")
+	}
+	s.fault("remove-detached")
+	if err := s.toTrash(filepath.Dir(image), id); err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("move removed image to trash")
+	}
+	return nil
+}
+
+func (s *Snapshotter) releaseViewDevice(ctx context.Context, parentID string) error {
+	k := devKey{parentID, roleRO}
+	unlock := s.devs.lock(k)
+	defer unlock()
+	needed, _, err := s.liveDevices(ctx)
+	if err != nil {
+		return err
+	}
+	if needed[k] {
+		return nil
+	}
+	return s.devs.detachImage(ctx, s.imagePath(parentID), k)
+}
+
+// liveDevices returns the devices live snapshots need, and the id map.
+func (s *Snapshotter) liveDevices(ctx context.Context) (map[devKey]bool, map[string]string, error) {
+	needed := map[devKey]bool{}
+	var ids map[string]string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		ids, err = storage.IDMap(ctx)
+		if errdefs.IsNotFound(err) {
+			ids = map[string]string{} // fresh database: no buckets yet
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		for _, key := range ids {
+			sn, err := storage.GetSnapshot(ctx, key)
+			if errdefs.IsFailedPrecondition(err) {
+				continue // committed
+			}
+			if err != nil {
+				return err
+			}
+			needed[deviceFor(sn)] = true
+		}
+		return nil
+	})
+	return needed, ids, err
+}
+
+// toTrash renames dir to trash/<id>-<time>.
+func (s *Snapshotter) toTrash(dir, id string) error {
+	dst := filepath.Join(s.root, "trash", id+"-"+strconv.FormatInt(time.Now().UnixNano(), 36))
+	return os.Rename(dir, dst)
+}
+
+// Close closes the metadata store and releases the root lock. Devices stay
+// attached: running containers keep using them.
+func (s *Snapshotter) Close() error {
+	s.closeOnce.Do(func() {
+		s.closeErr = s.ms.Close()
+		if err := s.lock.Close(); s.closeErr == nil {
+			s.closeErr = err
+		}
+	})
+	return s.closeErr
+}
+
+func syncDir(dir string) {
+	if f, err := os.Open(dir); err == nil {
+		f.Sync()
+		f.Close()
+	}
+}

@@ -1,0 +1,129 @@
+package snapshot
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+)
+
+// Status is what `loop-snapshotter status` prints.
+type Status struct {
+	Root      string           `json:"root"`
+	Snapshots []SnapshotStatus `json:"snapshots"`
+	Orphans   []DeviceStatus   `json:"orphans"`
+	Trash     int              `json:"trash_entries"`
+	Staging   int              `json:"staging_entries"`
+}
+
+// SnapshotStatus describes one snapshot and its device, if attached.
+type SnapshotStatus struct {
+	Key       string `json:"key"`
+	ID        string `json:"id"`
+	Kind      string `json:"kind"`
+	Parent    string `json:"parent,omitempty"`
+	SizeLimit int64  `json:"size_limit"`
+	Usage     int64  `json:"usage"`
+	Device    string `json:"device,omitempty"`
+	DiskSeq   uint64 `json:"diskseq,omitempty"`
+}
+
+// DeviceStatus describes a loop device backed by a file under root.
+type DeviceStatus struct {
+	Device      string `json:"device"`
+	DiskSeq     uint64 `json:"diskseq"`
+	BackingFile string `json:"backing_file"`
+	ReadOnly    bool   `json:"read_only"`
+}
+
+// Status lists every snapshot with its size limit, usage and device, and
+// the devices under root that no live snapshot needs (orphans).
+func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
+	type entry struct {
+		id    string
+		info  snapshots.Info
+		usage snapshots.Usage
+		sn    storage.Snapshot
+	}
+	var entries []entry
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			id, _, usage, err := storage.GetInfo(ctx, info.Name)
+			if err != nil {
+				return err
+			}
+			e := entry{id: id, info: info, usage: usage}
+			if info.Kind != snapshots.KindCommitted {
+				if e.sn, err = storage.GetSnapshot(ctx, info.Name); err != nil {
+					return err
+				}
+			}
+			entries = append(entries, e)
+			return nil
+		})
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		return Status{}, err
+	}
+	own, err := s.ownDevices()
+	if err != nil {
+		return Status{}, err
+	}
+	byKey := map[devKey]ownDevice{}
+	for _, d := range own {
+		if d.key.id != "" {
+			byKey[d.key] = d
+		}
+	}
+	st := Status{Root: s.root, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}}
+	needed := map[devKey]bool{}
+	for _, e := range entries {
+		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
+		imgID := e.id
+		if e.info.Kind != snapshots.KindCommitted {
+			k := deviceFor(e.sn)
+			needed[k] = true
+			imgID = k.id
+			if d, ok := byKey[k]; ok {
+				ss.Device, ss.DiskSeq = d.info.Path, d.info.DiskSeq
+			}
+			if e.info.Kind == snapshots.KindActive || k.id == e.id {
+				parent := ""
+				if len(e.sn.ParentIDs) > 0 {
+					parent = s.imagePath(e.sn.ParentIDs[0])
+				}
+				if u, err := imageUsage(s.imagePath(e.id), parent); err == nil {
+					ss.Usage = u.Size
+				}
+			} else {
+				ss.Usage = 0
+			}
+		}
+		if fi, err := os.Stat(s.imagePath(imgID)); err == nil {
+			ss.SizeLimit = fi.Size()
+		}
+		st.Snapshots = append(st.Snapshots, ss)
+	}
+	for _, d := range own {
+		if d.key.id != "" && needed[d.key] {
+			continue
+		}
+		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
+	}
+	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].Key < st.Snapshots[j].Key })
+	if es, err := os.ReadDir(filepath.Join(s.root, "trash")); err == nil {
+		st.Trash = len(es)
+	}
+	if es, err := os.ReadDir(filepath.Join(s.root, "staging")); err == nil {
+		st.Staging = len(es)
+	}
+	return st, nil
+}

@@ -1,0 +1,121 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/config"
+	"github.com/loopkit/loopkit/pkg/loopdev"
+)
+
+// testConfig is the configuration the tests use: small images (still 4 KiB
+// blocks), so 128LayersMount clones 128 small files.
+func testConfig(root string) config.Snapshotter {
+	cfg := config.DefaultSnapshotter()
+	cfg.Root = root
+	cfg.DefaultSize = 64 << 20
+	cfg.MaxSize = 4 << 30
+	return cfg
+}
+
+func requireTools(t testing.TB) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	testutil.RequireBinaries(t, "mkfs.ext4", "debugfs", "resize2fs", "e2fsck", "tune2fs")
+}
+
+// suiteFactory runs the snapshotter in-process; its cleanup detaches every
+// device the instance attached (the suite never removes all snapshots),
+// then closes it.
+func suiteFactory(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+	s, err := New(ctx, testConfig(root))
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, func() error {
+		return errors.Join(s.Purge(ctx), s.Close())
+	}, nil
+}
+
+// withTempDir points os.TempDir (where the suite makes its directories) at
+// dir until t's cleanup, which runs after t's parallel subtests.
+func withTempDir(t *testing.T, dir string) {
+	old, had := os.LookupEnv("TMPDIR")
+	os.Setenv("TMPDIR", dir)
+	t.Cleanup(func() {
+		if had {
+			os.Setenv("TMPDIR", old)
+		} else {
+			os.Unsetenv("TMPDIR")
+		}
+	})
+}
+
+// TestSnapshotterSuite runs containerd's conformance suite in-process on the
+// host's filesystem (ext4 here: the sparse-copy path) and on a loop-mounted
+// XFS with reflink=1 (the FICLONE path).
+func TestSnapshotterSuite(t *testing.T) {
+	requireTools(t)
+	t.Run("ext4", func(t *testing.T) {
+		base := t.TempDir()
+		testutil.NoLeaks(t, base)
+		withTempDir(t, base)
+		testsuite.SnapshotterSuite(t, "loop", suiteFactory)
+	})
+	t.Run("xfs-reflink", func(t *testing.T) {
+		testutil.RequireBinaries(t, "mkfs.xfs")
+		base := t.TempDir()
+		testutil.NoLeaks(t, base)
+		dir := MountReflinkXFS(t, base, 4<<30)
+		withTempDir(t, dir)
+		testsuite.SnapshotterSuite(t, "loop", suiteFactory)
+	})
+}
+
+// MountReflinkXFS makes a sparse XFS (reflink=1) image of size bytes under
+// base, attaches it through pkg/loopdev, mounts it on base/mnt and undoes
+// all of it at cleanup. It returns the mountpoint.
+func MountReflinkXFS(t testing.TB, base string, size int64) string {
+	t.Helper()
+	img := filepath.Join(base, "xfs.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, size); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.xfs: %v: %s", err, out)
+	}
+	dev, err := loopdev.Attach(context.Background(), img, loopdev.Options{Access: loopdev.AccessReadWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := dev.Detach(); err != nil {
+			t.Errorf("detach xfs device: %v", err)
+		}
+	})
+	mnt := filepath.Join(base, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dev.Path(), mnt, "xfs", 0, ""); err != nil {
+		t.Fatalf("mount xfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount xfs: %v", err)
+		}
+	})
+	return mnt
+}
