@@ -20,17 +20,26 @@ func readIOCounters(disk Devnum) (*ioCounters, error) {
 	if err != nil {
 		return nil, err
 	}
+	c, err := parseIOCounters(s)
+	if err != nil {
+		return nil, fmt.Errorf("%s/stat: %w", disk.SysfsDir(), err)
+	}
+	return c, nil
+}
+
+func parseIOCounters(s string) (*ioCounters, error) {
 	f := strings.Fields(s)
 	if len(f) < 12 {
-		return nil, fmt.Errorf("%s/stat: %d fields: %w", disk.SysfsDir(), len(f), ErrInvalidArgument)
+		return nil, fmt.Errorf("%d fields: %w", len(f), ErrInvalidArgument)
 	}
 	var c ioCounters
 	for _, v := range []struct {
 		i   int
 		dst *uint64
 	}{{4, &c.writes}, {8, &c.inflight}, {11, &c.discards}} {
+		var err error
 		if *v.dst, err = strconv.ParseUint(f[v.i], 10, 64); err != nil {
-			return nil, fmt.Errorf("%s/stat: %w", disk.SysfsDir(), err)
+			return nil, err
 		}
 	}
 	return &c, nil
