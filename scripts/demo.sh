@@ -10,6 +10,12 @@
 # (a fresh directory on a real filesystem, removed at exit), the helpers in
 # scripts/lib.sh, cleanup_push for undo steps, and DEMO_PIDS+=(pid) for every
 # process it starts (it must stop them itself; they are checked at the end).
+#
+# Sections: 10 pkg/loopdev via loopctl; 20 loop-snapshotter under a private
+# containerd (import, size limit, ENOSPC); 30 oci-loop-hook under runc.
+# Environment: DEMO_TMPDIR (parent of the demo directory, default /var/tmp);
+# DEMO_FAIL_AT=N or =TITLE-WORDS fails that step on purpose, to show that
+# the cleanup leaves nothing behind from any point (integration/demo_test.go).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 . "$ROOT/scripts/lib.sh"
@@ -17,7 +23,7 @@ lib_init
 
 BIN=$ROOT/bin
 DEMO_PIDS=()
-DEMO_PACKAGES=(util-linux fdisk e2fsprogs jq kmod containerd runc erofs-utils squashfs-tools)
+DEMO_PACKAGES=(util-linux fdisk e2fsprogs jq kmod busybox-static containerd runc erofs-utils squashfs-tools)
 export PATH=$PATH:/usr/local/go/bin:/usr/sbin:/sbin
 
 [ "$(id -u)" = 0 ] || fail "the demo needs root (loop devices, mounts)"
@@ -34,7 +40,8 @@ run make -C "$ROOT" --no-print-directory build
 ok "built: $(find "$BIN" -maxdepth 1 -type f -printf '%f ')"
 
 # The demo directory lives on a real filesystem (not tmpfs), as image files do.
-WORK=$(mktemp -d /var/tmp/loopkit-demo.XXXXXX)
+# DEMO_TMPDIR picks its parent (a test points it at its own temp dir).
+WORK=$(mktemp -d "${DEMO_TMPDIR:-/var/tmp}/loopkit-demo.XXXXXX")
 cleanup_push "rm -rf '$WORK'"
 # Safety net when a step fails between an attach and its own cleanup_push:
 # $WORK is fresh, so every mount below it and every loop device backed by a
@@ -73,6 +80,9 @@ for pid in "${DEMO_PIDS[@]}"; do
 		fail "process $pid ($(cat /proc/"$pid"/comm 2>/dev/null)) still running"
 	fi
 done
-ok "no process of the demo running (${#DEMO_PIDS[@]} started)"
+# Shims, runc and daemons all name the demo directory on their command line.
+left=$(pids_under "$WORK")
+[ -z "$left" ] || fail "processes of the demo still running: $left"
+ok "no process of the demo running (${#DEMO_PIDS[@]} started; none with $WORK on its command line or as cwd)"
 
 printf '\n%sDemo finished in %s.%s\n' "$_bold" "$(_elapsed)" "$_off"
