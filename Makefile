@@ -38,14 +38,19 @@ build:
 	@mkdir -p bin
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/...
 
-# Everything, as root: vet, all packages with the integration tag, the
-# loopdev suite on the legacy (LOOP_SET_FD) path, and the loopdev stress
-# tests again with systemd-udevd probing every device. Stops at the first
-# failing step; the last lines are go test's own.
+# Everything, as root: vet; all packages with the integration tag, one
+# package at a time (a test that unshares a mount namespace copies the other
+# packages' mounts and pins their devices); the loopdev suite on the legacy
+# (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
+# detector; the scaled stress run (32 goroutines x 20 iterations plus 4
+# processes) without and then with systemd-udevd probing every device.
+# Stops at the first failing step; the last lines are go test's own.
 test: require-root
 	$(GO) vet -tags integration ./...
-	$(GO) test $(GOTESTFLAGS) -tags integration -count=1 -timeout 60m ./...
+	$(GO) test $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./...
 	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m ./pkg/loopdev/...
+	$(GO) test $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' ./pkg/loopdev/
+	$(LOOPDEV_STRESS_ENV) $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' ./pkg/loopdev/
 	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' ./pkg/loopdev/
 
 test-unit:
