@@ -16,11 +16,14 @@
 //     is never held while waiting for the control lock.
 //   - LOOP_CONFIGURE is used first and its result verified; a kernel that
 //     refuses or misapplies it is remembered process-wide (one atomic flag,
-//     the package's only mutable global) and LOOP_SET_FD+LOOP_SET_STATUS64
-//     are used instead.
+//     the package's only mutable global apart from the control lock's
+//     process-local queue) and LOOP_SET_FD+LOOP_SET_STATUS64 are used
+//     instead.
 //   - Collisions (EBUSY, a device that vanished, stale partitions, direct I/O
 //     refused) are retried up to 64 times with randomized, growing backoff.
 //   - Every wait honours a context: locks are taken with LOCK_NB and polled.
+//     Within one process, goroutines queue in FIFO order before polling the
+//     control flock (flock itself has no fairness).
 //
 // What the package never does: exec a program, use cgo, decide by kernel
 // version strings, detach a device by name alone, clear a binding it did not

@@ -73,7 +73,10 @@ func reopenNamed(f *os.File, flags int, name string) (*os.File, error) {
 // the control fd, probes) as a raw fd: *os.File would register it with the
 // poller and give it a finalizer, which costs more than the fd's use, and a
 // finalizer must never close a lock fd behind our back.
-type ofd struct{ fd int }
+type ofd struct {
+	fd     int
+	queued bool // holds a controlQueue slot, released by Close
+}
 
 func (o *ofd) Fd() uintptr { return uintptr(o.fd) }
 
@@ -83,6 +86,10 @@ func (o *ofd) Close() error {
 	}
 	err := unix.Close(o.fd)
 	o.fd = -1
+	if o.queued {
+		o.queued = false
+		<-controlQueue
+	}
 	return err
 }
 
@@ -93,20 +100,35 @@ func reopenOFD(f *os.File, flags int) (*ofd, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "reopen", Path: f.Name(), Err: err}
 	}
-	return &ofd{fd}, nil
+	return &ofd{fd: fd}, nil
 }
 
-// openControl opens a private /dev/loop-control and locks it. A new OFD for
-// every call: a shared fd would share the flock and remove the serialization.
+// controlQueue is the process-local half of the /dev/loop-control lock: a
+// one-slot semaphore that the goroutines of this process pass in FIFO order
+// before they poll the host-wide flock. flock has no fairness, and goroutines
+// polling it with LOCK_NB starve each other (32 workers: p99 ~100 ms, ~5x
+// the p50 of a queued run). It holds no data; it is a lock, not state.
+var controlQueue = make(chan struct{}, 1)
+
+// openControl opens a private /dev/loop-control and locks it: first this
+// process's queue, then the flock that cooperating processes (systemd,
+// other loopkit users) share. A new OFD for every call: a shared fd would
+// share the flock and remove the serialization. Close releases both.
 func openControl(ctx context.Context) (*ofd, error) {
+	select {
+	case controlQueue <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("lock /dev/loop-control: %w", ctx.Err())
+	}
 	fd, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
 	if err != nil {
+		<-controlQueue
 		if err == unix.ENOENT {
 			return nil, fmt.Errorf("open /dev/loop-control: %w (is the loop module loaded? try: modprobe loop)", err)
 		}
 		return nil, &os.PathError{Op: "open", Path: "/dev/loop-control", Err: err}
 	}
-	ctl := &ofd{fd}
+	ctl := &ofd{fd: fd, queued: true}
 	if err := flockPoll(ctx, fd, unix.LOCK_EX, false); err != nil {
 		ctl.Close()
 		return nil, fmt.Errorf("lock /dev/loop-control: %w", err)
