@@ -1,0 +1,313 @@
+//go:build integration
+
+package integration
+
+import (
+	"archive/tar"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/loopkit/loopkit/internal/testutil"
+)
+
+// ctdEnv is a private containerd 1.6 with loop-snapshotter as the proxy
+// plugin "loop", everything under one temporary directory: its own root,
+// state, sockets, runc root and namespace. It never touches a system
+// containerd (CRI is disabled; the CRI path has its own test).
+type ctdEnv struct {
+	t        *testing.T
+	dir      string
+	sock     string
+	ns       string
+	runcRoot string
+	snapRoot string
+	snapBin  string
+	snap     *snapDaemon
+	ctrd     *criProc
+}
+
+// ctdStart builds and starts loop-snapshotter (configuration body
+// snapConfig) and containerd, and registers their orderly stop.
+func ctdStart(t *testing.T, snapConfig string) *ctdEnv {
+	t.Helper()
+	testutil.RequireRoot(t)
+	testutil.RequireBinaries(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "busybox", "mkfs.ext4", "go")
+	dir := t.TempDir()
+	testutil.NoLeaks(t, dir)
+	e := &ctdEnv{
+		t:        t,
+		dir:      dir,
+		sock:     filepath.Join(dir, "run", "containerd.sock"),
+		ns:       fmt.Sprintf("loopkit-e2e-%d", rand.Int63()),
+		runcRoot: filepath.Join(dir, "runc"),
+		snapRoot: filepath.Join(dir, "root", "io.containerd.snapshotter.v1.loop"),
+	}
+	for _, d := range []string{"run", "bin", "etc", "logs"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.snapBin = snapBuild(t, filepath.Join(dir, "bin"))
+	// Last cleanup: on failure remove what the orderly teardown did not.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		criKillProcessesUnder(t, dir)
+		criUnmountUnder(t, dir)
+		criDetachUnder(t, dir)
+	})
+	cfg := snapWriteConfig(t, filepath.Join(dir, "etc"), snapConfig)
+	snap, err := startSnapDaemon(e.snapBin, cfg, e.snapRoot, filepath.Join(dir, "run", "loop.sock"), filepath.Join(dir, "logs", "loop-snapshotter.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.snap = snap
+	t.Cleanup(func() {
+		if err := e.snap.stop(); err != nil {
+			t.Error(err)
+		}
+		e.snap.conn.Close()
+	})
+
+	ctrdCfg := filepath.Join(dir, "etc", "containerd.toml")
+	if err := os.WriteFile(ctrdCfg, []byte(e.containerdConfig()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.ctrd = criStart(t, "containerd", filepath.Join(dir, "logs", "containerd.log"), nil,
+		"containerd", "--config", ctrdCfg, "--log-level", "debug")
+	t.Cleanup(func() {
+		if !e.ctrd.stop(30 * time.Second) {
+			t.Errorf("containerd did not stop on SIGTERM within 30s")
+		}
+	})
+	criWaitSocket(t, e.ctrd, e.sock, 60*time.Second)
+	// First cleanup to run: on failure, show the logs and remove tasks
+	// while the daemons still run.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		t.Logf("containerd log tail:\n%s", e.ctrd.tail(40))
+		t.Logf("loop-snapshotter log tail:\n%s", e.snap.proc.tail(40))
+		out, _ := e.try("task", "ls", "-q")
+		for _, id := range strings.Fields(out) {
+			_, _ = e.try("task", "kill", "-s", "SIGKILL", id)
+			time.Sleep(200 * time.Millisecond)
+			_, _ = e.try("task", "delete", "-f", id)
+		}
+		out, _ = e.try("container", "ls", "-q")
+		for _, id := range strings.Fields(out) {
+			_, _ = e.try("container", "rm", id)
+		}
+	})
+	return e
+}
+
+// containerdConfig is the documented 1.6 proxy-plugin snippet (spec §5.3)
+// with every daemon path private.
+func (e *ctdEnv) containerdConfig() string {
+	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
+	return fmt.Sprintf(`version = 2
+root = %s
+state = %s
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.tracing",
+  "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = %s
+[ttrpc]
+  address = %s
+
+[proxy_plugins]
+  [proxy_plugins.loop]
+    type = "snapshot"
+    address = %s
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %s
+`, q(filepath.Join(e.dir, "root")), q(filepath.Join(e.dir, "state")), q(e.sock), q(e.sock+".ttrpc"),
+		q(e.snap.sock), q(filepath.Join(e.dir, "opt")))
+}
+
+func (e *ctdEnv) ctrArgs(args ...string) []string {
+	return append([]string{"ctr", "--address", e.sock, "--namespace", e.ns}, args...)
+}
+
+// ctr runs ctr against the private containerd and returns stdout.
+func (e *ctdEnv) ctr(args ...string) string {
+	e.t.Helper()
+	return criRun(e.t, 3*time.Minute, e.ctrArgs(args...)...)
+}
+
+func (e *ctdEnv) try(args ...string) (string, error) {
+	return criTry(time.Minute, e.ctrArgs(args...)...)
+}
+
+// runArgs are the `ctr run` flags every container of these tests uses.
+func (e *ctdEnv) runArgs(extra ...string) []string {
+	return append([]string{"run", "--snapshotter", "loop", "--runc-root", e.runcRoot}, extra...)
+}
+
+// restartSnapshotter starts loop-snapshotter again on the same root and
+// socket (after stop or kill).
+func (e *ctdEnv) restartSnapshotter() {
+	e.t.Helper()
+	if err := e.snap.start(e.snap.proc.log); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// status runs `loop-snapshotter status --json`.
+func (e *ctdEnv) status() snapStatus {
+	e.t.Helper()
+	out := criRun(e.t, time.Minute, e.snapBin, "status", "--json", "--config", e.snap.cfg, "--address", e.snap.sock)
+	var st snapStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		e.t.Fatalf("status: %v\n%s", err, out)
+	}
+	return st
+}
+
+type snapStatus struct {
+	Snapshots []struct {
+		Key       string `json:"key"`
+		Kind      string `json:"kind"`
+		SizeLimit int64  `json:"size_limit"`
+		Usage     int64  `json:"usage"`
+		Device    string `json:"device"`
+		DiskSeq   uint64 `json:"diskseq"`
+	} `json:"snapshots"`
+	Orphans []struct {
+		Device string `json:"device"`
+	} `json:"orphans"`
+	Trash   int `json:"trash_entries"`
+	Staging int `json:"staging_entries"`
+}
+
+// importImage builds and imports the test image, unpacking it into loop.
+func (e *ctdEnv) importImage(ref string) {
+	e.t.Helper()
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	archive := filepath.Join(e.dir, "image.tar")
+	ctdLayeredImage(e.t, archive, ref, bb)
+	e.ctr("image", "import", "--snapshotter", "loop", archive)
+}
+
+// ctdLayeredImage writes an OCI archive named ref with four layers built
+// from the host's static busybox: the binary and applet links; /etc files;
+// a 1 MiB data file; and a layer that deletes a file of the second
+// (whiteout) and adds another. Each layer's snapshot is cloned from its
+// parent, so unpacking exercises clone, commit and the whiteout path.
+func ctdLayeredImage(t *testing.T, path, ref, busyboxPath string) {
+	t.Helper()
+	bb, err := os.ReadFile(busyboxPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := []criLayerFile{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
+	for _, a := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat", "rm", "echo", "test", "touch", "seq", "head", "wc"} {
+		base = append(base, criLayerFile{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
+	}
+	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/"} {
+		base = append(base, criLayerFile{Name: d, Mode: 0o755, Dir: true})
+	}
+	etc := []criLayerFile{
+		{Name: "etc/", Mode: 0o755, Dir: true},
+		{Name: "etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/:/bin/sh\n")},
+		{Name: "etc/group", Mode: 0o644, Data: []byte("root:x:0:\n")},
+		{Name: "etc/layer2", Mode: 0o644, Data: []byte("layer 2\n")},
+	}
+	data := []criLayerFile{
+		{Name: "data/", Mode: 0o755, Dir: true},
+		{Name: "data/blob", Mode: 0o644, Data: bytes.Repeat([]byte("loopkit\n"), 128<<10)},
+	}
+	top := []criLayerFile{
+		{Name: "etc/", Mode: 0o755, Dir: true},
+		{Name: "etc/.wh.layer2", Mode: 0o644, Data: nil},
+		{Name: "etc/layer4", Mode: 0o644, Data: []byte("layer 4\n")},
+	}
+	ctdWriteImage(t, path, ref, []criBlob{criTarLayer(t, base), criTarLayer(t, etc), criTarLayer(t, data), criTarLayer(t, top)},
+		[]string{"/bin/sleep", "1000000"})
+}
+
+// ctdWriteImage writes an OCI image archive (what `ctr image import` reads).
+func ctdWriteImage(t *testing.T, path, ref string, layers []criBlob, cmd []string) {
+	t.Helper()
+	diffIDs := make([]string, 0, len(layers))
+	descs := make([]map[string]any, 0, len(layers))
+	for _, l := range layers {
+		diffIDs = append(diffIDs, l.digest())
+		descs = append(descs, l.descriptor())
+	}
+	cfg := criJSONBlob(t, "application/vnd.oci.image.config.v1+json", map[string]any{
+		"architecture": runtime.GOARCH, "os": "linux", "created": "2023-11-14T22:13:20Z",
+		"config": map[string]any{"Env": []string{"PATH=/bin"}, "Cmd": cmd},
+		"rootfs": map[string]any{"type": "layers", "diff_ids": diffIDs},
+	})
+	manifest := criJSONBlob(t, "application/vnd.oci.image.manifest.v1+json", map[string]any{
+		"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+		"config": cfg.descriptor(), "layers": descs,
+	})
+	md := manifest.descriptor()
+	md["platform"] = map[string]any{"architecture": runtime.GOARCH, "os": "linux"}
+	md["annotations"] = map[string]any{"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref}
+	index := map[string]any{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []any{md}}
+	idx, err := json.Marshal(index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	tw := tar.NewWriter(f)
+	add := func(name string, data []byte) {
+		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg, ModTime: time.Unix(1700000000, 0)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	add("oci-layout", []byte(`{"imageLayoutVersion":"1.0.0"}`))
+	add("index.json", idx)
+	for _, b := range append([]criBlob{cfg, manifest}, layers...) {
+		add("blobs/sha256/"+strings.TrimPrefix(b.digest(), "sha256:"), b.data)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// leftovers lists loop devices backed by files under the snapshotter
+// root, mounts below the test directory, and files left in the root's
+// snapshots, staging and trash directories.
+func (e *ctdEnv) leftovers() []string {
+	var out []string
+	for k := range testutil.Snapshot(e.dir) {
+		out = append(out, k)
+	}
+	for _, d := range []string{"snapshots", "staging", "trash"} {
+		es, _ := os.ReadDir(filepath.Join(e.snapRoot, d))
+		for _, x := range es {
+			out = append(out, filepath.Join(d, x.Name()))
+		}
+	}
+	return out
+}

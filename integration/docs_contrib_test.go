@@ -1,0 +1,219 @@
+//go:build integration
+
+package integration
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+
+	toml "github.com/pelletier/go-toml/v2"
+
+	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/config"
+)
+
+// docCopyRootOwned copies a repository file into a fresh root-owned 0700
+// directory with mode 0644, as the loaders require of /etc files.
+func docCopyRootOwned(t *testing.T, src string) string {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(t.TempDir(), filepath.Base(src))
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+// docTOMLKeys lists the toml tag names of a struct type, recursing into
+// struct and map-of-struct fields.
+func docTOMLKeys(typ reflect.Type) []string {
+	var keys []string
+	for i := 0; i < typ.NumField(); i++ {
+		f := typ.Field(i)
+		tag := strings.Split(f.Tag.Get("toml"), ",")[0]
+		if tag == "" || tag == "-" {
+			continue
+		}
+		keys = append(keys, tag)
+		ft := f.Type
+		if ft.Kind() == reflect.Map {
+			ft = ft.Elem()
+		}
+		if ft.Kind() == reflect.Struct {
+			keys = append(keys, docTOMLKeys(ft)...)
+		}
+	}
+	return keys
+}
+
+// docRequireDocumented fails for every key that the sample neither sets nor
+// shows in a comment ("key =", "# key =", or a "[key.name]" table).
+func docRequireDocumented(t *testing.T, sample string, keys []string) {
+	t.Helper()
+	b, err := os.ReadFile(sample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		re := regexp.MustCompile(`(?m)^(#\s*)?(` + regexp.QuoteMeta(k) + `\s*=|\[` + regexp.QuoteMeta(k) + `[.\]])`)
+		if !re.Match(b) {
+			t.Errorf("%s does not document key %q", filepath.Base(sample), k)
+		}
+	}
+}
+
+// TestContribConfigSamples checks that the sample configuration files load
+// with the binaries' strict loaders, state exactly the built-in defaults,
+// and mention every key the loaders accept.
+func TestContribConfigSamples(t *testing.T) {
+	testutil.RequireRoot(t) // the loaders require root-owned files
+	repo := criRepoRoot(t)
+
+	t.Run("loop-snapshotter", func(t *testing.T) {
+		src := filepath.Join(repo, "contrib", "config", "loop-snapshotter.toml")
+		cfg, loaded, err := config.LoadSnapshotter(docCopyRootOwned(t, src), true)
+		if err != nil || !loaded {
+			t.Fatalf("load %s: loaded=%v err=%v", src, loaded, err)
+		}
+		if def := config.DefaultSnapshotter(); !reflect.DeepEqual(cfg, def) {
+			t.Errorf("sample differs from the built-in defaults:\nsample   %+v\ndefaults %+v", cfg, def)
+		}
+		docRequireDocumented(t, src, docTOMLKeys(reflect.TypeOf(config.Snapshotter{})))
+	})
+	t.Run("oci-loop-hook", func(t *testing.T) {
+		src := filepath.Join(repo, "contrib", "config", "oci-loop-hook.toml")
+		cfg, loaded, err := config.LoadHook(docCopyRootOwned(t, src), true)
+		if err != nil || !loaded {
+			t.Fatalf("load %s: loaded=%v err=%v", src, loaded, err)
+		}
+		if def := config.DefaultHook(); !reflect.DeepEqual(cfg, def) {
+			t.Errorf("sample differs from the built-in defaults:\nsample   %+v\ndefaults %+v", cfg, def)
+		}
+		docRequireDocumented(t, src, docTOMLKeys(reflect.TypeOf(config.Hook{})))
+		// The commented catalog example must itself be valid.
+		b, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var example []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "# [images.") || (len(example) > 0 && strings.HasPrefix(line, "# ") && strings.Contains(line, " = ")) {
+				example = append(example, strings.TrimPrefix(line, "# "))
+			}
+		}
+		if len(example) == 0 {
+			t.Fatal("no commented [images.*] example in the sample")
+		}
+		withCatalog := filepath.Join(t.TempDir(), "with-catalog.toml")
+		if err := os.WriteFile(withCatalog, []byte(string(b)+"\n"+strings.Join(example, "\n")+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cat, _, err := config.LoadHook(withCatalog, true)
+		if err != nil {
+			t.Fatalf("sample with its catalog example uncommented: %v", err)
+		}
+		if len(cat.Images) == 0 {
+			t.Errorf("catalog example produced no images")
+		}
+	})
+}
+
+// TestContribContainerdSnippets checks the containerd snippets against the
+// snapshotter's defaults (the 1.6 snippet is also run for real by
+// TestCRIPodOnLoopRootfs).
+func TestContribContainerdSnippets(t *testing.T) {
+	repo := criRepoRoot(t)
+	load := func(name string) map[string]any {
+		b, err := os.ReadFile(filepath.Join(repo, "contrib", "containerd", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m map[string]any
+		if err := toml.Unmarshal(b, &m); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return m
+	}
+	get := func(m map[string]any, keys ...string) any {
+		var v any = m
+		for _, k := range keys {
+			mm, ok := v.(map[string]any)
+			if !ok {
+				return nil
+			}
+			v = mm[k]
+		}
+		return v
+	}
+	v2 := load("config-v2-containerd-1.6.toml")
+	v3 := load("config-v3-containerd-2.x.toml")
+	for name, m := range map[string]map[string]any{"v2": v2, "v3": v3} {
+		if get(m, "proxy_plugins", "loop", "type") != "snapshot" || get(m, "proxy_plugins", "loop", "address") != config.DefaultSnapshotterAddress {
+			t.Errorf("%s: proxy_plugins.loop = %v", name, get(m, "proxy_plugins", "loop"))
+		}
+	}
+	if get(v2, "version") != int64(2) || get(v3, "version") != int64(3) {
+		t.Errorf("versions: %v, %v", get(v2, "version"), get(v3, "version"))
+	}
+	if get(v2, "plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter") != "loop" {
+		t.Errorf("v2: CRI snapshotter is not loop")
+	}
+	if get(v3, "plugins", "io.containerd.cri.v1.images", "snapshotter") != "loop" {
+		t.Errorf("v3: CRI images snapshotter is not loop")
+	}
+	if get(v3, "proxy_plugins", "loop", "exports", "root") != config.DefaultSnapshotterRoot {
+		t.Errorf("v3: exports.root is not the snapshotter's default root")
+	}
+}
+
+// TestContribSystemdUnit checks the unit with systemd-analyze and for the
+// settings operations rely on.
+func TestContribSystemdUnit(t *testing.T) {
+	repo := criRepoRoot(t)
+	src := filepath.Join(repo, "contrib", "systemd", "loop-snapshotter.service")
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(b)
+	for _, want := range []string{"Type=notify", "Before=containerd.service", "Restart=on-failure", "ExecStart=/usr/local/bin/loop-snapshotter"} {
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(want) + `(\s|$)`).MatchString(unit) {
+			t.Errorf("unit lacks %q", want)
+		}
+	}
+	// Sandboxing that would hide /dev/loop* or give the daemon a private
+	// mount namespace breaks it.
+	for _, bad := range []string{"PrivateDevices", "PrivateMounts", "ProtectSystem", "DevicePolicy", "DeviceAllow", "ReadOnlyPaths", "InaccessiblePaths", "ProtectKernelModules", "MountFlags"} {
+		if regexp.MustCompile(`(?m)^` + bad + `=`).MatchString(unit) {
+			t.Errorf("unit sets %s", bad)
+		}
+	}
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Log("systemd-analyze not installed; unit syntax not verified")
+		return
+	}
+	// Verify a copy whose ExecStart names an existing executable.
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "loop-snapshotter")
+	if err := os.Symlink("/bin/true", fake); err != nil {
+		t.Fatal(err)
+	}
+	cp := filepath.Join(dir, "loop-snapshotter.service")
+	if err := os.WriteFile(cp, []byte(strings.ReplaceAll(unit, "/usr/local/bin/loop-snapshotter", fake)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("systemd-analyze", "verify", cp)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}

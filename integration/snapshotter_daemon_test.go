@@ -1,0 +1,216 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/loopkit/loopkit/pkg/config"
+	"github.com/loopkit/loopkit/pkg/loopdev"
+	"github.com/loopkit/loopkit/pkg/snapshot"
+)
+
+// snapTestConfig is the snapshotter configuration of these tests: small
+// sparse images (still 4 KiB blocks) keep 128LayersMount and mkfs cheap.
+const snapTestConfig = "default_size = \"64MiB\"\nmax_size = \"4GiB\"\n"
+
+// snapBuild builds cmd/loop-snapshotter into dir.
+func snapBuild(t *testing.T, dir string) string {
+	t.Helper()
+	return criGoBuild(t, criRepoRoot(t), "cmd/loop-snapshotter", dir)
+}
+
+// snapWriteConfig writes a configuration file into dir (which must be
+// root-owned and not group/world-writable: pkg/config checks it).
+func snapWriteConfig(t *testing.T, dir, body string) string {
+	t.Helper()
+	p := filepath.Join(dir, "loop-snapshotter.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// snapDaemon is one loop-snapshotter process and a proxy client to it.
+type snapDaemon struct {
+	bin, cfg, root, sock string
+	env                  []string
+	proc                 *criProc
+	conn                 *grpc.ClientConn
+	sn                   snapshots.Snapshotter
+}
+
+// startSnapDaemon starts the binary and waits until its socket serves. It
+// returns an error instead of failing a test, so the conformance-suite
+// factory (which has no *testing.T) can use it.
+func startSnapDaemon(bin, cfg, root, sock, logPath string, env ...string) (*snapDaemon, error) {
+	d := &snapDaemon{bin: bin, cfg: cfg, root: root, sock: sock, env: env}
+	return d, d.start(logPath)
+}
+
+func (d *snapDaemon) start(logPath string) error {
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(d.bin, "--config", d.cfg, "--root", d.root, "--address", d.sock, "--log-level", "debug")
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.Env = append(os.Environ(), d.env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return err
+	}
+	p := &criProc{name: "loop-snapshotter", cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		logf.Close()
+		close(p.done)
+	}()
+	d.proc = p
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := net.DialTimeout("unix", d.sock, time.Second)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if p.exited() {
+			return fmt.Errorf("loop-snapshotter exited before serving: %v\n%s", p.err, p.tail(30))
+		}
+		if time.Now().After(deadline) {
+			p.stop(5 * time.Second)
+			return fmt.Errorf("loop-snapshotter not serving %s after 60s\n%s", d.sock, p.tail(30))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if d.conn == nil {
+		conn, err := grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			p.stop(5 * time.Second)
+			return err
+		}
+		d.conn = conn
+		d.sn = proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "loop")
+	}
+	return nil
+}
+
+// stop sends SIGTERM and requires a clean exit (the documented graceful
+// stop); the gRPC connection survives for a later restart.
+func (d *snapDaemon) stop() error {
+	if d.proc == nil || d.proc.exited() {
+		return nil
+	}
+	if !d.proc.stop(30 * time.Second) {
+		return fmt.Errorf("loop-snapshotter ignored SIGTERM for 30s\n%s", d.proc.tail(20))
+	}
+	if d.proc.err != nil {
+		return fmt.Errorf("loop-snapshotter exited with %v on SIGTERM\n%s", d.proc.err, d.proc.tail(20))
+	}
+	return nil
+}
+
+// kill sends SIGKILL and waits.
+func (d *snapDaemon) kill() {
+	if d.proc != nil && !d.proc.exited() {
+		_ = d.proc.cmd.Process.Kill()
+		<-d.proc.done
+	}
+}
+
+// close stops the daemon, closes the client and detaches every device left
+// under root (through the in-process snapshotter, which also runs the
+// startup reconciliation on the daemon's state).
+func (d *snapDaemon) close() error {
+	err := d.stop()
+	if d.conn != nil {
+		d.conn.Close()
+	}
+	return errors.Join(err, snapPurge(d.root))
+}
+
+// snapPurge opens root in-process, detaches every device backed by a file
+// under it and closes it again.
+func snapPurge(root string) error {
+	cfg := config.DefaultSnapshotter()
+	cfg.Root = root
+	cfg.DefaultSize = 64 << 20
+	ctx := context.Background()
+	s, err := snapshot.New(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("purge %s: %w", root, err)
+	}
+	return errors.Join(s.Purge(ctx), s.Close())
+}
+
+// snapMountReflinkXFS makes a sparse XFS (reflink=1) image under base,
+// attaches it through pkg/loopdev, mounts it on base/mnt and undoes all of
+// it at cleanup. It returns the mountpoint.
+func snapMountReflinkXFS(t *testing.T, base string, size int64) string {
+	t.Helper()
+	img := filepath.Join(base, "xfs.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, size); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.xfs: %v: %s", err, out)
+	}
+	dev, err := loopdev.Attach(context.Background(), img, loopdev.Options{Access: loopdev.AccessReadWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := dev.Detach(); err != nil {
+			t.Errorf("detach xfs device: %v", err)
+		}
+	})
+	mnt := filepath.Join(base, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dev.Path(), mnt, "xfs", 0, ""); err != nil {
+		t.Fatalf("mount xfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount xfs: %v", err)
+		}
+	})
+	return mnt
+}
+
+// snapWithTempDir points os.TempDir (where containerd's suite makes its
+// directories) at dir until t's cleanup, which runs after t's parallel
+// subtests have finished.
+func snapWithTempDir(t *testing.T, dir string) {
+	old, had := os.LookupEnv("TMPDIR")
+	os.Setenv("TMPDIR", dir)
+	t.Cleanup(func() {
+		if had {
+			os.Setenv("TMPDIR", old)
+		} else {
+			os.Unsetenv("TMPDIR")
+		}
+	})
+}
