@@ -184,7 +184,7 @@ func TestContribSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	unit := string(b)
-	for _, want := range []string{"Type=notify", "Before=containerd.service", "Restart=on-failure", "ExecStart=/usr/local/bin/loop-snapshotter"} {
+	for _, want := range []string{"Type=notify", "Before=containerd.service", "Restart=always", "ExecStart=/usr/local/bin/loop-snapshotter"} {
 		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(want) + `(\s|$)`).MatchString(unit) {
 			t.Errorf("unit lacks %q", want)
 		}

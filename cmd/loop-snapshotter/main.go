@@ -105,10 +105,14 @@ func run(args []string, stdout io.Writer) error {
 		return runConfigDump(args[1:], stdout)
 	}
 	var showVersion bool
+	var flags *flag.FlagSet
 	o, _, err := parseFlags("loop-snapshotter", args, func(fs *flag.FlagSet) {
 		fs.BoolVar(&showVersion, "version", false, "print version and commit")
+		fs.Usage = func() {}
+		flags = fs
 	})
 	if errors.Is(err, flag.ErrHelp) {
+		printUsage(stdout, flags)
 		return nil
 	}
 	if showVersion {

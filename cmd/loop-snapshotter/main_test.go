@@ -20,6 +20,20 @@ func TestVersion(t *testing.T) {
 	}
 }
 
+// TestHelp: --help lists every flag and every configuration key with its
+// default, on stdout, and exits 0.
+func TestHelp(t *testing.T) {
+	var out bytes.Buffer
+	if err := run([]string{"--help"}, &out); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"-root", "-address", "-config", "-log-level", "-version", "default_size = ", "attach_on_start = ", "metrics_address = ", "Examples:"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("--help lacks %q", want)
+		}
+	}
+}
+
 // TestConfigPrecedence: flag > file > default, an explicit missing file is
 // an error, overlay mode is refused.
 func TestConfigPrecedence(t *testing.T) {

@@ -24,8 +24,11 @@ import (
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
-// version is set with -ldflags "-X main.version=...".
-var version = "dev"
+// Set by the linker: -X main.version=... -X main.commit=...
+var (
+	version = "dev"
+	commit  = "unknown"
+)
 
 // hookForcePauseFile is empty in every real build. Crash-path tests set it
 // with -ldflags "-X main.hookForcePauseFile=PATH": after each attach the hook
@@ -41,7 +44,7 @@ Commands:
   auto           setup when status is "creating", teardown when "stopped"
   gc             tear down records of containers that no longer exist
   check-config   validate the configuration and print the effective values
-  version        print the version
+  version        print the version and commit (also --version)
 
 Options:
   --config PATH  configuration file (default /etc/oci-loop-hook/config.toml;
@@ -77,6 +80,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	opts, err := parseArgs(args)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprint(stdout, usage)
+		printConfigDefaults(stdout)
 		return 0
 	}
 	if err != nil {
@@ -85,7 +89,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	cmd := canonical(opts.command)
 	if cmd == "version" {
-		fmt.Fprintf(stdout, "oci-loop-hook %s\n", version)
+		fmt.Fprintf(stdout, "oci-loop-hook %s (commit %s)\n", version, commit)
 		return 0
 	}
 	cfg, fromFile, err := config.LoadHook(opts.configPath, opts.configExplicit)
@@ -197,11 +201,15 @@ func parseArgs(args []string) (options, error) {
 	fs.Func("config", "", func(v string) error { o.configPath, o.configExplicit = v, true; return nil })
 	fs.StringVar(&o.level, "log", o.level, "")
 	fs.Var(&o.mounts, "mount", "")
+	fs.BoolFunc("version", "", func(string) error { o.command = "version"; return nil })
 	// Flags may come before and after the command (hooks.d has one args list).
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
 	rest := fs.Args()
+	if len(rest) == 0 && o.command == "version" {
+		return o, nil
+	}
 	if len(rest) == 0 {
 		return o, errors.New("no command given (see --help)")
 	}

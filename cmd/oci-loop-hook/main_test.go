@@ -33,8 +33,14 @@ func TestUsageAndVersion(t *testing.T) {
 	if code, out, _ := runHook(t, "", "--help"); code != 0 || !strings.Contains(out, "Usage: oci-loop-hook") {
 		t.Errorf("--help: %d %q", code, out)
 	}
-	if code, out, _ := runHook(t, "", "version"); code != 0 || !strings.HasPrefix(out, "oci-loop-hook ") {
-		t.Errorf("version: %d %q", code, out)
+	for _, v := range []string{"version", "--version"} {
+		if code, out, _ := runHook(t, "", v); code != 0 || !strings.HasPrefix(out, "oci-loop-hook ") || !strings.Contains(out, "(commit ") {
+			t.Errorf("%s: %d %q", v, code, out)
+		}
+	}
+	// --help documents every configuration key with its default.
+	if _, out, _ := runHook(t, "", "--help"); !strings.Contains(out, "allowed_image_dirs = ") || !strings.Contains(out, "dest_symlinks = 'refuse'") {
+		t.Errorf("--help lacks the configuration keys: %q", out)
 	}
 	for _, args := range [][]string{{}, {"frobnicate"}, {"--bogus", "setup"}, {"setup", "extra"}, {"--log", "loud", "setup"}} {
 		code, out, errs := runHook(t, "", append([]string{"--config", "/nonexistent/x.toml"}, args...)...)
