@@ -292,19 +292,19 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 			return &Uevent{Action: "add", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d2.Nr(), d2.Nr()),
 				Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "DISKSEQ": strconv.FormatUint(diskseq, 10)}}
 		}
-		if err := d2.judgeUevent(ev(d2.DiskSeq() - 1)); err != nil {
-			t.Errorf("replayed event of an earlier attachment: %v, want it skipped", err)
+		if ours, err := d2.judgeUevent(ev(d2.DiskSeq() - 1)); ours || err != nil {
+			t.Errorf("replayed event of an earlier attachment: ours=%v %v, want it skipped", ours, err)
 		}
-		if err := d2.judgeUevent(ev(d2.DiskSeq())); err != nil {
-			t.Errorf("our own event: %v", err)
+		if ours, err := d2.judgeUevent(ev(d2.DiskSeq())); !ours || err != nil {
+			t.Errorf("our own event: ours=%v %v", ours, err)
 		}
-		if err := d2.judgeUevent(ev(d2.DiskSeq() + 1)); !errors.Is(err, ErrReused) {
+		if _, err := d2.judgeUevent(ev(d2.DiskSeq() + 1)); !errors.Is(err, ErrReused) {
 			t.Errorf("event with a larger diskseq: %v, want ErrReused", err)
 		}
 		other := ev(d2.DiskSeq() + 1)
 		other.Devpath = fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d2.Nr()+1000, d2.Nr()+1000)
-		if err := d2.judgeUevent(other); err != nil {
-			t.Errorf("another disk's event: %v", err)
+		if ours, err := d2.judgeUevent(other); ours || err != nil {
+			t.Errorf("another disk's event: ours=%v %v", ours, err)
 		}
 	})
 
@@ -352,8 +352,13 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		// Stale events (SEQNUM <= fence) are no proof of anything.
 		stale := &Uevent{Action: "remove", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d.Nr(), d.Nr()),
 			Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "SEQNUM": strconv.FormatUint(f.SeqnumNotBefore, 10)}}
-		if err := d.judgeUevent(stale); err != nil {
-			t.Errorf("stale event: %v", err)
+		if ours, err := d.judgeUevent(stale); ours || err != nil {
+			t.Errorf("stale event: ours=%v %v, want it ignored", ours, err)
+		}
+		fresh := &Uevent{Action: "add", Devpath: stale.Devpath,
+			Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "SEQNUM": strconv.FormatUint(f.SeqnumNotBefore+1, 10)}}
+		if ours, err := d.judgeUevent(fresh); !ours || err != nil {
+			t.Errorf("event past the fence: ours=%v %v, want it counted", ours, err)
 		}
 		// Guarded detach by record falls back to backing identity.
 		rec := d.Record()

@@ -139,31 +139,39 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 			if err != nil {
 				continue
 			}
-			if err := d.judgeUevent(ev); err != nil {
+			// Presence is always read from sysfs (checked against our
+			// diskseq) at the loop head; an event only says when to look.
+			if _, err := d.judgeUevent(ev); err != nil {
 				return err
 			}
 		}
 	}
 }
 
-// judgeUevent rejects events that prove our attachment is gone.
-func (d *Device) judgeUevent(ev *Uevent) error {
+// judgeUevent classifies a uevent for this attachment's partitions: ours is
+// true for an event of this attachment (its DISKSEQ equals ours; without
+// diskseq, its SEQNUM is past the fence read before the attach), which
+// prompts a sysfs rescan; an event with a larger DISKSEQ proves the device
+// was reused (ErrReused); everything else (other disks, replayed events of
+// earlier attachments) is ignored.
+func (d *Device) judgeUevent(ev *Uevent) (ours bool, err error) {
 	if ev.Env["SUBSYSTEM"] != "block" || ev.Env["DEVTYPE"] != "partition" {
-		return nil
+		return false, nil
 	}
 	if !strings.HasPrefix(ev.Devpath, "/devices/virtual/block/loop"+strconv.Itoa(d.nr)+"/") {
-		return nil
+		return false, nil
 	}
 	if d.diskseq != 0 {
 		seq, err := strconv.ParseUint(ev.Env["DISKSEQ"], 10, 64)
-		if err == nil && seq > d.diskseq {
-			return fmt.Errorf("%s: uevent diskseq %d newer than ours %d: %w", d.path, seq, d.diskseq, ErrReused)
+		if err != nil {
+			return false, nil
 		}
-		return nil
+		if seq > d.diskseq {
+			return false, fmt.Errorf("%s: uevent diskseq %d newer than ours %d: %w", d.path, seq, d.diskseq, ErrReused)
+		}
+		return seq == d.diskseq, nil
 	}
+	// Kernels without diskseq: the uevent seqnum fence (spec 7.2).
 	seq, err := strconv.ParseUint(ev.Env["SEQNUM"], 10, 64)
-	if err == nil && seq <= d.fences.SeqnumNotBefore {
-		return nil // stale event from an earlier attachment
-	}
-	return nil
+	return err == nil && seq > d.fences.SeqnumNotBefore, nil
 }
