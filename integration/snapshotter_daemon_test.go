@@ -17,12 +17,10 @@ import (
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/loopkit/loopkit/pkg/config"
-	"github.com/loopkit/loopkit/pkg/loopdev"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
 
@@ -159,45 +157,6 @@ func snapPurge(root string) error {
 		return fmt.Errorf("purge %s: %w", root, err)
 	}
 	return errors.Join(s.Purge(ctx), s.Close())
-}
-
-// snapMountReflinkXFS makes a sparse XFS (reflink=1) image under base,
-// attaches it through pkg/loopdev, mounts it on base/mnt and undoes all of
-// it at cleanup. It returns the mountpoint.
-func snapMountReflinkXFS(t *testing.T, base string, size int64) string {
-	t.Helper()
-	img := filepath.Join(base, "xfs.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, size); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.xfs: %v: %s", err, out)
-	}
-	dev, err := loopdev.Attach(context.Background(), img, loopdev.Options{Access: loopdev.AccessReadWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := dev.Detach(); err != nil {
-			t.Errorf("detach xfs device: %v", err)
-		}
-	})
-	mnt := filepath.Join(base, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(dev.Path(), mnt, "xfs", 0, ""); err != nil {
-		t.Fatalf("mount xfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount xfs: %v", err)
-		}
-	})
-	return mnt
 }
 
 // snapWithTempDir points os.TempDir (where containerd's suite makes its

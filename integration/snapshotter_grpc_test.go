@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
+	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
 
@@ -51,7 +52,7 @@ func TestSnapshotterGRPCSuite(t *testing.T) {
 		testutil.RequireBinaries(t, "mkfs.xfs")
 		base := t.TempDir()
 		testutil.NoLeaks(t, base)
-		mnt := snapMountReflinkXFS(t, base, 4<<30)
+		mnt := testfs.MountReflinkXFS(t, base, 4<<30)
 		snapWithTempDir(t, mnt)
 		testsuite.SnapshotterSuite(t, "loop", factory)
 	})

@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
 
@@ -109,7 +110,7 @@ func TestClone(t *testing.T) {
 		testutil.RequireBinaries(t, "mkfs.xfs")
 		base := t.TempDir()
 		testutil.NoLeaks(t, base)
-		check(t, MountReflinkXFS(t, base, 2<<30), cloneReflink)
+		check(t, testfs.MountReflinkXFS(t, base, 2<<30), cloneReflink)
 	})
 }
 

@@ -4,17 +4,14 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
-	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/config"
-	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
 // testConfig is the configuration the tests use: small images (still 4 KiB
@@ -75,47 +72,8 @@ func TestSnapshotterSuite(t *testing.T) {
 		testutil.RequireBinaries(t, "mkfs.xfs")
 		base := t.TempDir()
 		testutil.NoLeaks(t, base)
-		dir := MountReflinkXFS(t, base, 4<<30)
+		dir := testfs.MountReflinkXFS(t, base, 4<<30)
 		withTempDir(t, dir)
 		testsuite.SnapshotterSuite(t, "loop", suiteFactory)
 	})
-}
-
-// MountReflinkXFS makes a sparse XFS (reflink=1) image of size bytes under
-// base, attaches it through pkg/loopdev, mounts it on base/mnt and undoes
-// all of it at cleanup. It returns the mountpoint.
-func MountReflinkXFS(t testing.TB, base string, size int64) string {
-	t.Helper()
-	img := filepath.Join(base, "xfs.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, size); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", img).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.xfs: %v: %s", err, out)
-	}
-	dev, err := loopdev.Attach(context.Background(), img, loopdev.Options{Access: loopdev.AccessReadWrite})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := dev.Detach(); err != nil {
-			t.Errorf("detach xfs device: %v", err)
-		}
-	})
-	mnt := filepath.Join(base, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(dev.Path(), mnt, "xfs", 0, ""); err != nil {
-		t.Fatalf("mount xfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount xfs: %v", err)
-		}
-	})
-	return mnt
 }
