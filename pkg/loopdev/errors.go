@@ -24,6 +24,10 @@ var (
 	// mount, udev, a process) still holds the device; the kernel unbinds it
 	// at the last close.
 	ErrDetachDeferred = errors.New("loop detach deferred: device still in use")
+	// ErrInUse: an exclusive detach found a filesystem mounted from the
+	// device (the mount claims it; the O_EXCL open gives EBUSY). Nothing was
+	// touched.
+	ErrInUse = &errnoSentinel{"loop device in use (mounted)", unix.EBUSY}
 	// ErrRemoveBusy: the device was cleared but LOOP_CTL_REMOVE stayed busy.
 	ErrRemoveBusy = &errnoSentinel{"loop device cleared but not removed (busy)", unix.EBUSY}
 	// ErrUnsupported: the kernel lacks a feature (diskseq, LOOP_CONFIGURE, partscan).

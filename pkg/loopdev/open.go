@@ -209,7 +209,7 @@ func FindByBacking(id BackingID) ([]Info, error) {
 // Verify reports whether rec still names a live attachment: nil, ErrGone or
 // ErrReused.
 func Verify(rec Record) error {
-	f, err := openRecord(rec)
+	f, err := openRecord(rec, false)
 	if err != nil {
 		return err
 	}
@@ -218,8 +218,9 @@ func Verify(rec Record) error {
 }
 
 // openRecord opens the device named by rec and proves it still carries that
-// attachment (spec 8.3).
-func openRecord(rec Record) (*os.File, error) {
+// attachment (spec 8.3). With exclusive the open is O_EXCL, which fails with
+// EBUSY (ErrInUse) while a filesystem is mounted from the device.
+func openRecord(rec Record, exclusive bool) (*os.File, error) {
 	devnum, err := devnumOfNode(rec.Path)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -230,10 +231,17 @@ func openRecord(rec Record) (*os.File, error) {
 	if devnum != rec.Devnum {
 		return nil, fmt.Errorf("%s is %s, recorded %s: %w", rec.Path, devnum, rec.Devnum, ErrReused)
 	}
-	f, err := openVerified(rec.Path, rec.Devnum, 0, unix.O_RDONLY, false)
+	acc := unix.O_RDONLY
+	if exclusive {
+		acc |= unix.O_EXCL
+	}
+	f, err := openVerified(rec.Path, rec.Devnum, 0, acc, false)
 	if err != nil {
 		if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
 			return nil, fmt.Errorf("%s: %w", rec.Path, ErrGone)
+		}
+		if exclusive && errors.Is(err, unix.EBUSY) {
+			return nil, fmt.Errorf("%s: %w", rec.Path, ErrInUse)
 		}
 		return nil, err
 	}
@@ -260,13 +268,38 @@ func openRecord(rec Record) (*os.File, error) {
 	return f, nil
 }
 
+// DetachOptions refine DetachRecordWith.
+type DetachOptions struct {
+	// Exclusive opens the device O_EXCL: while a filesystem is mounted from
+	// it (a mount claims the block device) the detach fails with ErrInUse
+	// and touches nothing. The clear is issued on that exclusive fd, so
+	// nothing can mount the device in between.
+	Exclusive bool
+	// Wait, after a deferred detach, polls until the kernel has unbound the
+	// device (another opener closed it) or ctx ends.
+	Wait bool
+}
+
 // DetachRecord is the guarded detach by name (spec 8.3): it detaches the
 // device only if it still carries the recorded attachment, on the very fd it
-// verified. Results: nil (detached and removed), ErrGone (absent or unbound:
-// nothing to do), ErrReused (someone else's binding now: untouched),
-// ErrDetachDeferred (cleared, still held; unbinds at the last close).
+// verified. Results: nil (detached), ErrGone (absent or unbound: nothing to
+// do), ErrReused (someone else's binding now: untouched), ErrDetachDeferred
+// (cleared, still held; unbinds at the last close).
 func DetachRecord(ctx context.Context, rec Record) error {
-	f, err := openRecord(rec)
+	return DetachRecordWith(ctx, rec, DetachOptions{})
+}
+
+// DetachRecordWith is DetachRecord with options; see DetachOptions.
+func DetachRecordWith(ctx context.Context, rec Record, opts DetachOptions) error {
+	err := detachRecord(ctx, rec, opts.Exclusive)
+	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
+		return awaitUnbind(ctx, rec)
+	}
+	return err
+}
+
+func detachRecord(ctx context.Context, rec Record, exclusive bool) error {
+	f, err := openRecord(rec, exclusive)
 	if err != nil {
 		return fmt.Errorf("detach %s: %w", rec.Path, err)
 	}

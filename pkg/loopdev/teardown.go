@@ -185,16 +185,20 @@ func (d *Device) DetachAndWait(ctx context.Context) error {
 	if !errors.Is(err, ErrDetachDeferred) {
 		return err
 	}
-	for {
-		if gone := (&Device{devnum: rec.Devnum, diskseq: rec.DiskSeq}).stillBound(); !gone {
-			return nil
-		}
+	return awaitUnbind(ctx, rec)
+}
+
+// awaitUnbind polls sysfs (no open: an open would itself hold the device)
+// until the attachment rec names is unbound, after a deferred detach.
+func awaitUnbind(ctx context.Context, rec Record) error {
+	for (&Device{devnum: rec.Devnum, diskseq: rec.DiskSeq}).stillBound() {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("detach %s: still held by %v: %w", rec.Path, holders(rec.Devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
-		case <-time.After(20 * time.Millisecond):
+		case <-time.After(5 * time.Millisecond):
 		}
 	}
+	return nil
 }
 
 // holders lists who pins a device: mounts of it and sysfs holders.
