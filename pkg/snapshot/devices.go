@@ -100,10 +100,6 @@ func backingOf(path string) (loopdev.BackingID, error) {
 	return loopdev.BackingID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
-func recordOf(info loopdev.Info) loopdev.Record {
-	return loopdev.Record{Path: info.Path, Devnum: info.Devnum, DiskSeq: info.DiskSeq, Backing: info.Backing, Offset: info.Offset}
-}
-
 // ensure returns a device for image attached in k's role: the cached one if
 // the kernel still has that exact attachment, else an existing binding of
 // the image (adopted after a restart), else a new attachment.
@@ -132,7 +128,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 		if info.Offset != 0 || info.ReadOnly != (k.role == roleRO) {
 			continue
 		}
-		rec := recordOf(info)
+		rec := info.Record()
 		if info.Autoclear {
 			if err := clearAutoclear(ctx, rec); err != nil {
 				log.G(ctx).WithError(err).WithField("device", info.Path).Warn("adopt device: clear autoclear")
@@ -230,42 +226,39 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 	}
 	var errs []error
 	for _, info := range infos {
-		if err := d.detachRecord(ctx, recordOf(info), image); err != nil {
+		if err := d.detachRecord(ctx, info.Record(), image); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
+// detachRecord detaches rec. A device still held is cleared lazily (it
+// vanishes at its last close): that is counted and logged, not an error.
 func (d *devices) detachRecord(ctx context.Context, rec loopdev.Record, image string) error {
-	_, err := d.detachRecordDeferred(ctx, rec, image)
-	return err
-}
-
-// detachRecordDeferred detaches rec and reports whether the kernel deferred
-// the unbind to the device's last close.
-func (d *devices) detachRecordDeferred(ctx context.Context, rec loopdev.Record, image string) (bool, error) {
 	fields := log.Fields{"device": rec.Path, "diskseq": rec.DiskSeq, "backing_file": image}
 	err := loopdev.DetachRecord(ctx, rec)
 	switch {
 	case err == nil:
 		log.G(ctx).WithFields(fields).Debug("detached device")
-		return false, nil
+		return nil
 	case errors.Is(err, loopdev.ErrGone), errors.Is(err, loopdev.ErrReused):
-		return false, nil
+		return nil
 	case errors.Is(err, loopdev.ErrDetachDeferred):
 		d.m.lazyDetaches.Add(1)
 		log.G(ctx).WithFields(fields).Info("device still open: detach deferred to its last close")
-		return true, nil
+		return nil
 	default:
-		return false, fmt.Errorf("detach %s: %w", rec.Path, err)
+		return fmt.Errorf("detach %s: %w", rec.Path, err)
 	}
 }
 
 // detachForCommit detaches the read-write device(s) of an active image
-// after proving that nothing has a filesystem mounted from them: an O_EXCL
-// open of a block device fails with EBUSY while a filesystem holds it
-// (mounts claim the bdev exclusively; udev and blkid do not).
+// after proving that nothing has a filesystem mounted from them: pkg/loopdev's
+// exclusive detach opens the device O_EXCL (a mount claims the block device;
+// udev and blkid do not), clears it on that fd, and waits until the kernel
+// has unbound it, so the image is checked and fsynced with no device page
+// cache left.
 func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) error {
 	d.forget(k)
 	id, err := backingOf(image)
@@ -277,27 +270,8 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 		return fmt.Errorf("find devices of %s: %w", image, err)
 	}
 	for _, info := range infos {
-		rec := recordOf(info)
-		fd, err := openExclusive(ctx, rec)
-		if err != nil {
-			return err
-		}
-		if fd < 0 {
-			continue // gone meanwhile
-		}
-		// The exclusive fd is held through the clear, so nothing can mount
-		// the device in between; the clear is therefore deferred to our
-		// close (always so from Linux 6.11), and so is any clear while a
-		// lister (pkg/loopdev.List opens every device) briefly holds it.
-		err = loopdev.DetachRecord(ctx, rec)
-		unix.Close(fd)
-		if err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
-			if errors.Is(err, loopdev.ErrGone) {
-				continue
-			}
-			return fmt.Errorf("detach %s: %w", rec.Path, err)
-		}
-		if err := waitGone(ctx, rec); err != nil {
+		err := detachUnmounted(ctx, info.Record())
+		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
 			return err
 		}
 	}
@@ -310,67 +284,32 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 // mount, and so the device, until it pivots away and detaches the copy.
 const busyGrace = 3 * time.Second
 
-// openExclusive opens the device O_EXCL (EBUSY = a filesystem is mounted
-// from it somewhere), checks it is still the recorded attachment and
-// flushes it. It returns -1 if the device is gone.
-func openExclusive(ctx context.Context, rec loopdev.Record) (int, error) {
-	deadline := time.Now().Add(busyGrace)
-	fd, err := unix.Open(rec.Path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-	for errors.Is(err, unix.EBUSY) && time.Now().Before(deadline) {
-		select {
-		case <-ctx.Done():
-			return -1, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-		fd, err = unix.Open(rec.Path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
-	}
-	if err != nil {
-		if errors.Is(err, unix.EBUSY) {
-			return -1, fmt.Errorf("snapshot device %s is still mounted: %w", rec.Path, errdefs.ErrFailedPrecondition)
-		}
-		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENXIO) {
-			return -1, nil
-		}
-		return -1, fmt.Errorf("open %s exclusively: %w", rec.Path, err)
-	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("fstat %s: %w", rec.Path, err)
-	}
-	if loopdev.Devnum(st.Rdev) != rec.Devnum {
-		unix.Close(fd)
-		return -1, fmt.Errorf("%s: %w", rec.Path, loopdev.ErrReused)
-	}
-	if rec.DiskSeq != 0 {
-		if seq, err := unix.IoctlGetUint64(fd, unix.BLKGETDISKSEQ); err == nil && seq != rec.DiskSeq {
-			unix.Close(fd)
-			return -1, fmt.Errorf("%s: %w", rec.Path, loopdev.ErrReused)
-		}
-	}
-	if err := unix.Fsync(fd); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("fsync %s: %w", rec.Path, err)
-	}
-	return fd, nil
-}
+// unbindGrace bounds the wait for the kernel to unbind a cleared device
+// that another opener still holds.
+const unbindGrace = 10 * time.Second
 
-// waitGone polls until the attachment is unbound: the image is checked
-// and fsynced next, and the device's page cache must not outlive that.
-func waitGone(ctx context.Context, rec loopdev.Record) error {
-	deadline := time.Now().Add(10 * time.Second)
+// detachUnmounted is the exclusive, waiting detach, retried while the
+// device is still mounted somewhere for up to busyGrace.
+func detachUnmounted(ctx context.Context, rec loopdev.Record) error {
+	deadline := time.Now().Add(busyGrace)
+	opts := loopdev.DetachOptions{Exclusive: true, Wait: true}
 	for {
-		err := loopdev.Verify(rec)
-		if errors.Is(err, loopdev.ErrGone) || errors.Is(err, loopdev.ErrReused) {
-			return nil
+		wctx, cancel := context.WithTimeout(ctx, unbindGrace)
+		err := loopdev.DetachRecordWith(wctx, rec, opts)
+		cancel()
+		if errors.Is(err, loopdev.ErrDetachDeferred) && ctx.Err() == nil {
+			return fmt.Errorf("detach %s: still bound after 10s: %v: %w", rec.Path, err, errdefs.ErrUnavailable)
+		}
+		if !errors.Is(err, loopdev.ErrInUse) {
+			return err
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("detach %s: still bound after 10s: %w", rec.Path, errdefs.ErrUnavailable)
+			return fmt.Errorf("snapshot device %s is still mounted: %w", rec.Path, errdefs.ErrFailedPrecondition)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(5 * time.Millisecond):
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
 }

@@ -75,7 +75,7 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 	}
 	adopted := map[devKey]bool{}
 	for _, d := range own {
-		rec := recordOf(d.info)
+		rec := d.info.Record()
 		if d.key.id != "" && needed[d.key] && !adopted[d.key] && d.info.Offset == 0 {
 			if d.info.Autoclear {
 				if err := clearAutoclear(ctx, rec); err != nil {
@@ -88,11 +88,10 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 			log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.image}).Info("adopted device")
 			continue
 		}
-		log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
-		if err := s.devs.detachRecord(ctx, rec, d.image); err != nil {
+		// Not needed, or a second binding of a needed image: nothing is
+		// served yet, so no snapshot can claim it meanwhile.
+		if err := s.detachOrphanDevice(ctx, d); err != nil {
 			log.G(ctx).WithError(err).WithField("device", d.info.Path).Warn("detach orphan device")
-		} else {
-			s.m.orphansDetached.Add(1)
 		}
 	}
 	if s.cfg.AttachOnStart == "eager" {
@@ -179,8 +178,12 @@ func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
 		}
 		s.devs.forget(d.key)
 	}
+	return s.detachOrphanDevice(ctx, d)
+}
+
+func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error {
 	log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
-	if err := s.devs.detachRecord(ctx, recordOf(d.info), d.image); err != nil {
+	if err := s.devs.detachRecord(ctx, d.info.Record(), d.image); err != nil {
 		return err
 	}
 	s.m.orphansDetached.Add(1)
@@ -195,20 +198,19 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Bounded: a holder that never lets go must not hang the caller.
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	var errs []error
 	for _, d := range own {
 		if d.key.id != "" {
 			s.devs.forget(d.key)
 		}
-		rec := recordOf(d.info)
-		deferred, err := s.devs.detachRecordDeferred(ctx, rec, d.image)
-		if err == nil && deferred {
-			// A lister (or a leftover mount) holds it; wait, bounded, so
-			// callers see the device gone when Purge returns.
-			err = waitGone(ctx, rec)
-		}
-		if err != nil {
-			errs = append(errs, err)
+		// Wait: a lister (or a leftover mount) may hold it; callers see the
+		// device gone when Purge returns (or ctx ends).
+		err := loopdev.DetachRecordWith(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
+		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
 		}
 	}
 	return errors.Join(errs...)
