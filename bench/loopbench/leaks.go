@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
 // boundUnder lists the loop devices whose backing file lies under dir
@@ -46,34 +49,29 @@ func waitUnbound(ctx context.Context, dir string) []string {
 	}
 }
 
-// clearUnder detaches the leftovers of a run. The bench directory is a fresh
-// mkdtemp, so every device bound to a file under it was attached by this
-// process; the backing file is checked again on the open device.
+// clearUnder detaches the leftovers of a run (a peer's leaks) with
+// pkg/loopdev's guarded detach, never by name: each device is detached only
+// if it still carries the binding the listing saw. The bench directory is a
+// fresh mkdtemp, so every device bound to a file under it is this process's.
 func clearUnder(dir string) error {
-	var errs []string
-	for _, dev := range boundUnder(dir) {
-		if err := clearOne(dev, dir); err != nil {
-			errs = append(errs, err.Error())
+	infos, err := loopdev.List()
+	if err != nil {
+		return fmt.Errorf("clear leftovers: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var errs []error
+	for _, info := range infos {
+		if !strings.HasPrefix(info.BackingFile, dir+"/") {
+			continue
+		}
+		err := loopdev.DetachRecord(ctx, info.Record())
+		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) && !errors.Is(err, loopdev.ErrDetachDeferred) {
+			errs = append(errs, err)
 		}
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("clear leftovers: %s", strings.Join(errs, "; "))
-	}
-	return nil
-}
-
-func clearOne(dev, dir string) error {
-	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-	if err != nil || !strings.HasPrefix(strings.TrimSuffix(string(b), "\n"), dir+"/") {
-		return nil // unbound or rebound to someone else's file since the scan
-	}
-	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil {
-		return fmt.Errorf("LOOP_CLR_FD %s: %w", dev, err)
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("clear leftovers: %w", err)
 	}
 	return nil
 }
