@@ -34,24 +34,6 @@ type hookWorld struct {
 	cfgBody  string
 }
 
-func hookRepoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found")
-		}
-		dir = parent
-	}
-}
-
 // hookBuild builds the hook statically (CGO_ENABLED=0) into dir; ldflags
 // may set test-only variables.
 func hookBuild(t *testing.T, dir, name string, ldflags string) string {
@@ -62,7 +44,7 @@ func hookBuild(t *testing.T, dir, name string, ldflags string) string {
 		args = append(args, "-ldflags", ldflags)
 	}
 	cmd := exec.Command("go", append(args, "./cmd/oci-loop-hook")...)
-	cmd.Dir = hookRepoRoot(t)
+	cmd.Dir = criRepoRoot(t)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, b)

@@ -32,7 +32,7 @@ func TestHookPodman(t *testing.T) {
 	}
 	// The shipped hooks.d file, with only the binary path and the config
 	// flag changed: its annotation regex and stages are what is tested.
-	raw, err := os.ReadFile(filepath.Join(hookRepoRoot(t), "contrib", "hooks.d", "50-oci-loop-hook.json"))
+	raw, err := os.ReadFile(filepath.Join(criRepoRoot(t), "contrib", "hooks.d", "50-oci-loop-hook.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestHookPodman(t *testing.T) {
 // valid runtime-spec config whose hooks run setup at createRuntime and
 // teardown at poststop, with a request the hook parses.
 func TestHookContribRuncExample(t *testing.T) {
-	raw, err := os.ReadFile(filepath.Join(hookRepoRoot(t), "contrib", "runc", "config.json"))
+	raw, err := os.ReadFile(filepath.Join(criRepoRoot(t), "contrib", "runc", "config.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
