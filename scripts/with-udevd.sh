@@ -12,6 +12,11 @@ if [ $# -eq 0 ]; then
 	exit 2
 fi
 
+# Only one udevd can run on a host, and a second caller that found ours
+# running would lose it when we stop it: callers take turns.
+exec 9>/run/lock/loopkit-with-udevd.lock
+flock 9
+
 if pgrep -x systemd-udevd >/dev/null; then
 	echo "with-udevd: systemd-udevd already running; using it" >&2
 	exec "$@"
