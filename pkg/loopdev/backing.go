@@ -73,7 +73,8 @@ func openBackingPath(path string, mode AccessMode, dio bool) (*os.File, error) {
 	return os.NewFile(uintptr(fd), filepath.Clean(abs)), nil
 }
 
-// prepareBacking runs the preamble (spec 3.3) on an opened backing fd, which
+// prepareBacking checks and sizes an opened backing fd (mode, type, size,
+// sector size, O_DIRECT to match the DIO setting), which
 // it takes over.
 func prepareBacking(f *os.File, opts *Options, dio *bool) (*backing, error) {
 	b := &backing{file: f, path: f.Name()}

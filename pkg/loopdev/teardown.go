@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"time"
 
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -210,7 +210,7 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 	}
 }
 
-// Close releases the handle without detaching (spec 8.2): fsync, close every
+// Close releases the handle without detaching: fsync, close every
 // fd. With AUTOCLEAR set and no other opener the kernel unbinds now; with a
 // mount it unbinds at unmount; a kept device stays bound.
 func (d *Device) Close() error {
@@ -260,11 +260,10 @@ func holders(devnum Devnum) []string {
 			out = append(out, e.Name())
 		}
 	}
-	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 4 && f[2] == devnum.String() {
-				out = append(out, "mount "+f[4])
+	if ms, err := mountinfo.Self(); err == nil {
+		for _, m := range ms {
+			if m.Devnum == devnum.String() {
+				out = append(out, "mount "+m.MountPoint)
 			}
 		}
 	}
