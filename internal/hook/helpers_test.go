@@ -301,3 +301,21 @@ func nullLog() *logrus.Entry {
 func isGoneOrReused(err error) bool {
 	return errors.Is(err, loopdev.ErrGone) || errors.Is(err, loopdev.ErrReused)
 }
+
+// recordOf returns the stored record of the container id (whatever bundle
+// it was keyed with), or nil; unreadable records are skipped.
+func (e *testEnv) recordOf(t *testing.T, id string) (*Record, error) {
+	t.Helper()
+	store := openTestStore(t, e)
+	names, err := store.Names()
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range names {
+		rec, err := store.Read(n)
+		if err == nil && rec != nil && rec.ID == id {
+			return rec, nil
+		}
+	}
+	return nil, nil
+}
