@@ -236,7 +236,10 @@ func lockImages(images []*Image) error {
 // pkg/loopdev unless Keep): if this process dies, closing its fds frees the
 // device. Rollback detaches it.
 func (h *Hook) attach(ctx context.Context, im *Image, name string, undo *undoStack, log *logrus.Entry) (*loopdev.Device, error) {
-	opts := loopdev.Options{Access: loopdev.AccessReadOnly, FileName: ownerTag(name), BackingLock: loopdev.LockShared}
+	// DirectIO is always set: a nil pointer would let the library pick its
+	// own default, and the hook's only input for this is its config.
+	dio := h.cfg.DirectIO
+	opts := loopdev.Options{Access: loopdev.AccessReadOnly, FileName: ownerTag(name), BackingLock: loopdev.LockShared, DirectIO: &dio}
 	if im.RW {
 		opts.Access, opts.BackingLock = loopdev.AccessReadWrite, loopdev.LockExclusive
 	}
