@@ -153,7 +153,9 @@ func TestErrorTexts(t *testing.T) {
 	badValue := write("value.toml", "version = 2\n", 0o644)
 	writable := write("writable.toml", "version = 1\n", 0o666)
 	stopped := `{"id":"a","status":"stopped","bundle":"/b"}`
-	creating := func(ann string) string { return `{"id":"a","status":"creating","pid":5,"bundle":"/b","annotations":` + ann + `}` }
+	creating := func(ann string) string {
+		return `{"id":"a","status":"creating","pid":5,"bundle":"/b","annotations":` + ann + `}`
+	}
 	long := "/data/" + strings.Repeat("a", 4090)
 	for _, tc := range []struct {
 		name  string
