@@ -78,6 +78,9 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == hook.LockChildCommand {
+		os.Exit(hook.RunLockChild(os.Args[2]))
+	}
 	// Files the hook creates (state, logs) are for root only.
 	unix.Umask(0o077)
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))

@@ -115,6 +115,13 @@ func openImagePath(path string) (int, error) {
 			flags |= unix.O_DIRECTORY
 		}
 		fd, err := unix.Openat2(dirfd, comp, &unix.OpenHow{Flags: uint64(flags), Resolve: walkResolve})
+		if errors.Is(err, unix.ENOTDIR) {
+			// O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR: say which.
+			var lst unix.Stat_t
+			if unix.Fstatat(dirfd, comp, &lst, unix.AT_SYMLINK_NOFOLLOW) == nil && lst.Mode&unix.S_IFMT == unix.S_IFLNK {
+				err = unix.ELOOP
+			}
+		}
 		unix.Close(dirfd)
 		walked = filepath.Join(walked, comp)
 		if err != nil {

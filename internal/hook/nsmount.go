@@ -27,12 +27,17 @@ type Placement struct {
 	AllowedPrefixes []string
 }
 
-// inNamespace runs fn on a dedicated, locked OS thread that has entered the
-// container's mount namespace. The thread unshares its fs_struct first
-// (setns(CLONE_NEWNS) fails with EINVAL otherwise in a multi-threaded
-// process) and is discarded afterwards: the goroutine exits without
-// UnlockOSThread, so the runtime kills the tainted thread.
+// inNamespace runs fn on a throwaway thread that has entered the
+// container's mount namespace.
 func (c *Container) inNamespace(fn func() error) error {
+	return onThrowawayThread(func() error { return c.enterAndRun(fn) })
+}
+
+// onThrowawayThread runs fn on a dedicated, locked OS thread other than the
+// main thread, for namespace changes that must not leak into the rest of
+// the process. The thread is discarded afterwards: the goroutine exits
+// without UnlockOSThread, so the runtime kills the tainted thread.
+func onThrowawayThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -45,12 +50,12 @@ func (c *Container) inNamespace(fn func() error) error {
 			go func() {
 				defer close(done)
 				runtime.LockOSThread()
-				errc <- c.enterAndRun(fn)
+				errc <- fn()
 			}()
 			<-done
 			return
 		}
-		errc <- c.enterAndRun(fn)
+		errc <- fn()
 	}()
 	return <-errc
 }

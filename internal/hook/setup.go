@@ -283,6 +283,14 @@ func (h *Hook) mountOne(ctr *Container, im *Image, dev *loopdev.Device, dest *os
 		return fmt.Errorf("mount image %q: %w", im.displayName(), err)
 	}
 	defer mnt.Close()
+	if ctr.OwnUserNS {
+		locked, err := lockFlags(mnt, h.cfg.StateDir)
+		if err != nil {
+			return fmt.Errorf("mount image %q: %w", im.displayName(), err)
+		}
+		defer locked.Close()
+		mnt = locked
+	}
 	return ctr.MoveInto(mnt, dest)
 }
 
