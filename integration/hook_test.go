@@ -341,6 +341,11 @@ func TestHookKilledMidSetup(t *testing.T) {
 	if p := hookProcesses(bin); len(p) > 0 {
 		t.Errorf("hook processes left: %v", p)
 	}
+	// A hook killed while it held the container lock cannot unlink the
+	// lock file; no record was written, and gc prunes the file.
+	if out, err := exec.Command(w.bin, "--config", w.config, "gc").CombinedOutput(); err != nil {
+		t.Fatalf("gc: %v %s", err, out)
+	}
 	w.assertClean()
 
 	// The same through runc's hook timeout: runc SIGKILLs the paused hook
