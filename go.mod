@@ -5,6 +5,7 @@ go 1.26.6
 require (
 	github.com/containerd/containerd/api v1.12.0
 	github.com/containerd/containerd/v2 v2.4.2
+	github.com/loopkit/loopkit/pkg/loopdev v0.0.0
 	github.com/moby/sys/mountinfo v0.7.2
 	github.com/opencontainers/runtime-spec v1.3.0
 	github.com/pelletier/go-toml/v2 v2.4.3
@@ -52,3 +53,7 @@ require (
 	google.golang.org/grpc v1.83.2 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+// pkg/loopdev is its own module (stdlib + x/sys only) so that importers,
+// containerd among them, do not pull in this module's dependencies.
+replace github.com/loopkit/loopkit/pkg/loopdev => ./pkg/loopdev
