@@ -196,3 +196,36 @@ func assertStateEmpty(t *testing.T, e *testEnv) {
 		t.Errorf("state directory still holds %s", en.Name())
 	}
 }
+
+// Issue 12 finding 12 / issue 13: an attach failure names the image and the
+// backing once ("attach X: attach X:" was printed twice), and the hook's
+// debug level shows pkg/loopdev's own records through the slog bridge.
+func TestAttachErrorTextAndLibraryLog(t *testing.T) {
+	e := newTestEnv(t)
+	path := e.cfg.Images["squashfs"].Path
+	wronly, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wronly.Close()
+	im := &Image{Plan: Plan{Name: "squashfs", ImagePath: path}, File: wronly}
+	var undo undoStack
+	_, err = e.hook.attach(withLog(ctxT(t), e.hook.log), im, "name", &undo, e.hook.log)
+	undo.run()
+	want := `image "squashfs": attach ` + path + `: backing opened O_PATH or write-only: file descriptor in bad state`
+	if err == nil || err.Error() != want {
+		t.Errorf("attach error %q\nwant %q", err, want)
+	}
+	c := e.newFakeContainer("slog", true, nil)
+	if err := e.hook.Setup(ctxT(t), c.state("slog", StatusCreating, ann("squashfs", "/data")), nil); err != nil {
+		t.Fatal(err)
+	}
+	if l := e.logBuf.String(); !strings.Contains(l, `msg="loop device attached"`) || !strings.Contains(l, "container_id=slog") {
+		t.Errorf("pkg/loopdev's debug record is not in the hook's log with its fields:\n%s", l)
+	}
+	c.Kill()
+	waitUnbound(t, path)
+	if err := e.hook.Teardown(ctxT(t), c.state("slog", StatusStopped, nil)); err != nil {
+		t.Fatal(err)
+	}
+}

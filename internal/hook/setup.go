@@ -32,6 +32,7 @@ func (u *undoStack) run() {
 func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error) {
 	start := time.Now()
 	log := h.entry(st, "setup")
+	ctx = withLog(ctx, log)
 	if err := validateSetupStage(st); err != nil {
 		return err
 	}
@@ -239,7 +240,10 @@ func (h *Hook) attach(ctx context.Context, im *Image, name string, undo *undoSta
 	// DirectIO is always set: a nil pointer would let the library pick its
 	// own default, and the hook's only input for this is its config.
 	dio := h.cfg.DirectIO
-	opts := loopdev.Options{Access: loopdev.AccessReadOnly, FileName: ownerTag(name), BackingLock: loopdev.LockShared, DirectIO: &dio}
+	opts := loopdev.Options{
+		Access: loopdev.AccessReadOnly, FileName: ownerTag(name), BackingLock: loopdev.LockShared,
+		DirectIO: &dio, Logger: slogFrom(ctx),
+	}
 	if im.RW {
 		opts.Access, opts.BackingLock = loopdev.AccessReadWrite, loopdev.LockExclusive
 	}
@@ -248,10 +252,17 @@ func (h *Hook) attach(ctx context.Context, im *Image, name string, undo *undoSta
 		return nil, refusedf("image %q is locked by another container (rw and ro never mix)", im.displayName())
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", im.ImagePath, err)
+		// pkg/loopdev's error starts with "attach <backing path>".
+		if im.Name == "" {
+			return nil, err
+		}
+		return nil, fmt.Errorf("image %q: %w", im.Name, err)
 	}
 	undo.push(func() {
-		if err := dev.Detach(ctx); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
+		// A rollback after the deadline still gets a moment to detach.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		if err := dev.Detach(rctx); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
 			log.WithError(err).WithField("device", dev.Path()).Warn("rollback: detach")
 		}
 	})

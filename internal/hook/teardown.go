@@ -18,6 +18,7 @@ import (
 func (h *Hook) Teardown(ctx context.Context, st *State) error {
 	start := time.Now()
 	log := h.entry(st, "teardown")
+	ctx = withLog(ctx, log)
 	if st.Status != StatusStopped {
 		log.WithField("status", st.Status).Info("teardown called with a status other than stopped")
 	}
@@ -98,7 +99,7 @@ func (h *Hook) releaseMount(ctx context.Context, m MountRecord, log *logrus.Entr
 		"device": rec.Path, "devnum": rec.Devnum.String(), "diskseq": rec.DiskSeq,
 		"backing_file": m.ImagePath, "dest": m.Dest,
 	})
-	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{})
+	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{Logger: slogFrom(withLog(ctx, l))})
 	switch {
 	case err == nil:
 		l.Info("detached")
@@ -127,6 +128,7 @@ type GCResult struct {
 func (h *Hook) GC(ctx context.Context) (GCResult, error) {
 	var res GCResult
 	log := h.log.WithField("step", "gc")
+	ctx = withLog(ctx, log)
 	store, err := OpenStore(h.cfg.StateDir)
 	if err != nil {
 		return res, err
