@@ -30,14 +30,14 @@ func Attach(ctx context.Context, backingPath string, opts Options) (*Device, err
 	f, err := openBackingPath(backingPath, opts.Access, dio)
 	if err != nil {
 		if errors.Is(err, unix.EISDIR) {
-			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("backing is a directory"))
+			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("a directory"))
 		}
 		if errors.Is(err, unix.ENXIO) {
 			// open(2) on a FIFO with O_NONBLOCK|O_RDWR succeeds, but O_RDONLY/O_WRONLY
 			// on a socket or FIFO without reader gives ENXIO: a bad argument here.
 			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("not a regular file or block device"))
 		}
-		return nil, fmt.Errorf("attach %s: %w", backingPath, err)
+		return nil, opError("attach", backingPath, err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }
@@ -72,7 +72,7 @@ func AttachFile(ctx context.Context, backing *os.File, opts Options) (*Device, e
 		f, err = reopenNamed(backing, openBase|acc, name)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
+		return nil, opError("attach", backing.Name(), err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }

@@ -38,11 +38,11 @@ type OpenOptions struct {
 func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 	real, err := filepath.EvalSymlinks(path)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, opError("open", path, err)
 	}
 	devnum, err := devnumOfNode(real)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, opError("open", real, err)
 	}
 	acc := unix.O_RDWR
 	if opts.Access == AccessReadOnly {
