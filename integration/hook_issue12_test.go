@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopkit/loopkit/internal/hook"
+	"github.com/loopkit/loopkit/internal/nsthread"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
@@ -259,14 +259,14 @@ func TestHookIssue12(t *testing.T) {
 		if err := w.runcDetachedIn(root2, id, b2); err != nil {
 			t.Fatal(err)
 		}
-		if n := len(hookBoundTo(filepath.Join(w.images, "sq.sqfs"))) + len(hookBoundTo(filepath.Join(w.images, "e.erofs"))); n != 2 {
+		if n := len(testutil.BoundTo(filepath.Join(w.images, "sq.sqfs"))) + len(testutil.BoundTo(filepath.Join(w.images, "e.erofs"))); n != 2 {
 			t.Fatalf("%d devices bound, want 2", n)
 		}
 		w.runcStopIn(root2, id)
 		if out, err := w.runcExec(id, "cat", "/data/hello.txt"); err != nil || !strings.Contains(out, "hello from the image") {
 			t.Errorf("the first container lost its mount when the second stopped: %v %s", err, out)
 		}
-		if len(hookBoundTo(filepath.Join(w.images, "sq.sqfs"))) != 1 || w.record(id) == nil {
+		if len(testutil.BoundTo(filepath.Join(w.images, "sq.sqfs"))) != 1 || w.record(id) == nil {
 			t.Errorf("the first container's device or record is gone")
 		}
 		w.runcStop(id)
@@ -398,7 +398,6 @@ mount -t tmpfs -o nosuid,nodev,noexec ctl /mnt && mount -o remount,bind,dev,suid
 // the thread. Nothing of it is visible outside.
 func hookInHungFUSENamespace(t *testing.T, dir string, fn func(connDir string) error) error {
 	t.Helper()
-	errc := make(chan error, 1)
 	work := func() error {
 		if err := unix.Unshare(unix.CLONE_FS | unix.CLONE_NEWNS); err != nil {
 			return fmt.Errorf("unshare: %w", err)
@@ -432,24 +431,7 @@ func hookInHungFUSENamespace(t *testing.T, dir string, fn func(connDir string) e
 		}
 		return fn(filepath.Join(ctl, strconv.Itoa(int(unix.Mkdev(uint32(mi[0].Major), uint32(mi[0].Minor))))))
 	}
-	go func() {
-		// Never unlocked: the thread dies with its namespace. The main
-		// thread cannot die (and /proc/self follows it), so never use it.
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			defer runtime.UnlockOSThread()
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				runtime.LockOSThread()
-				errc <- work()
-			}()
-			<-done
-			return
-		}
-		errc <- work()
-	}()
-	return <-errc
+	return nsthread.Run(work)
 }
 
 // TestHookPodmanMountsAnnotation: the JSON "mounts" annotation through

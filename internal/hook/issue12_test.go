@@ -68,7 +68,7 @@ func TestSetupTwiceSameContainer(t *testing.T) {
 			t.Fatalf("setup %d: %v", i, err)
 		}
 	}
-	if n := len(boundTo(t, e.cfg.Images["squashfs"].Path)); n != 1 {
+	if n := len(testutil.BoundTo(e.cfg.Images["squashfs"].Path)); n != 1 {
 		t.Errorf("%d devices bound, want 1", n)
 	}
 	data, _ := os.ReadFile("/proc/" + itoa(c.Pid) + "/mountinfo")

@@ -13,6 +13,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/nsthread"
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
@@ -30,34 +31,7 @@ type Placement struct {
 // inNamespace runs fn on a throwaway thread that has entered the
 // container's mount namespace.
 func (c *Container) inNamespace(fn func() error) error {
-	return onThrowawayThread(func() error { return c.enterAndRun(fn) })
-}
-
-// onThrowawayThread runs fn on a dedicated, locked OS thread other than the
-// main thread, for namespace changes that must not leak into the rest of
-// the process. The thread is discarded afterwards: the goroutine exits
-// without UnlockOSThread, so the runtime kills the tainted thread.
-func onThrowawayThread(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			// The main thread can never be discarded (Go wedges it instead)
-			// and /proc/self follows it: keep it locked here, untouched, so
-			// that the worker below is scheduled on another thread.
-			defer runtime.UnlockOSThread()
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				runtime.LockOSThread()
-				errc <- fn()
-			}()
-			<-done
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
+	return nsthread.Run(func() error { return c.enterAndRun(fn) })
 }
 
 // enterAndRun runs on a locked thread other than the main thread; the
