@@ -4,7 +4,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/loopkit/loopkit/internal/testutil"
@@ -227,5 +229,54 @@ func TestAttachErrorTextAndLibraryLog(t *testing.T) {
 	waitUnbound(t, path)
 	if err := e.hook.Teardown(ctxT(t), c.state("slog", StatusStopped, nil)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Issue 12, finding 9: removing the lock file at unlock must not break
+// mutual exclusion. Holders unlink the file while holding it; a waiter that
+// locked the unlinked file starts over on the new one. Many lockers at
+// once never overlap, and no lock file is left.
+func TestLockFileRemovalKeepsExclusion(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "state")
+	store, err := OpenStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	var (
+		mu      sync.Mutex
+		holders int
+		wg      sync.WaitGroup
+	)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 100 {
+				l, err := store.Lock(ctxT(t), "c")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				holders++
+				if holders != 1 {
+					t.Errorf("%d holders at once", holders)
+				}
+				mu.Unlock()
+				runtime.Gosched()
+				mu.Lock()
+				holders--
+				mu.Unlock()
+				if err := l.Unlock(); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("left in the state directory: %v", entries)
 	}
 }
