@@ -13,8 +13,8 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/hookpolicy"
 	"github.com/loopkit/loopkit/internal/nsthread"
-	"github.com/loopkit/loopkit/pkg/config"
 )
 
 // Placement says where and how a detached mount is attached in the container.
@@ -82,7 +82,7 @@ func (c *Container) ResolveDests(ps []Placement) ([]*os.File, error) {
 				return err
 			}
 			for j, q := range resolved {
-				if config.HasPathPrefix(rel, q) || config.HasPathPrefix(q, rel) {
+				if hookpolicy.HasPathPrefix(rel, q) || hookpolicy.HasPathPrefix(q, rel) {
 					return invalidf("destinations %s and %s are nested (they resolve to %s and %s); nested destinations are refused", ps[j].Dest, p.Dest, q, rel)
 				}
 			}
@@ -141,10 +141,10 @@ func checkResolved(rootfd, destfd int, p Placement) (string, error) {
 		return "", refusedf("destination %s changed while being resolved", p.Dest)
 	}
 	if rel != p.Dest {
-		if config.IsDeniedDest(rel) {
+		if hookpolicy.IsDeniedDest(rel) {
 			return "", refusedf("destination %s resolves to %s, which is always denied", p.Dest, truncate(rel, 128))
 		}
-		if !slices.ContainsFunc(p.AllowedPrefixes, func(pre string) bool { return config.HasPathPrefix(rel, pre) }) {
+		if !slices.ContainsFunc(p.AllowedPrefixes, func(pre string) bool { return hookpolicy.HasPathPrefix(rel, pre) }) {
 			return "", refusedf("destination %s resolves to %s, which is not below an allowed prefix (%s)", p.Dest, truncate(rel, 128), strings.Join(p.AllowedPrefixes, ", "))
 		}
 	}
