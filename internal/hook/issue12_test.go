@@ -280,3 +280,32 @@ func TestLockFileRemovalKeepsExclusion(t *testing.T) {
 		t.Errorf("left in the state directory: %v", entries)
 	}
 }
+
+// Issue 12, finding 8: a second container with the same id and bundle
+// (another runtime root) is refused at setup while the first runs; the
+// first keeps its mount and record.
+func TestSameIDSameBundleRefused(t *testing.T) {
+	e := newTestEnv(t)
+	a := e.newFakeContainer("a", true, nil)
+	b := e.newFakeContainer("b", true, nil)
+	b.Bundle = a.Bundle
+	if err := e.hook.Setup(ctxT(t), a.state("dup", StatusCreating, ann("squashfs", "/data")), nil); err != nil {
+		t.Fatal(err)
+	}
+	err := e.hook.Setup(ctxT(t), b.state("dup", StatusCreating, ann("squashfs", "/data")), nil)
+	if ExitCode(err) != 3 || !strings.Contains(err.Error(), "another running container (pid "+itoa(a.Pid)+") with the same id and bundle") {
+		t.Fatalf("second setup: %v", err)
+	}
+	if r, _ := e.recordOf(t, "dup"); r == nil || r.InitPid != a.Pid || a.mountLine(t, "/data") == "" {
+		t.Fatal("the refused setup touched the running container's record or mount")
+	}
+	if n := len(testutil.BoundTo(e.cfg.Images["squashfs"].Path)); n != 1 {
+		t.Errorf("%d devices bound, want 1", n)
+	}
+	a.Kill()
+	waitUnbound(t, e.cfg.Images["squashfs"].Path)
+	if err := e.hook.Teardown(ctxT(t), a.state("dup", StatusStopped, nil)); err != nil {
+		t.Fatal(err)
+	}
+	assertStateEmpty(t, e)
+}
