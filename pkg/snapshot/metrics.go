@@ -17,7 +17,7 @@ import (
 // They are written in the Prometheus text format by WriteMetrics.
 type metrics struct {
 	cloneReflink, cloneSparse atomic.Uint64
-	resizes                   atomic.Uint64
+	grows, shrinks            atomic.Uint64
 	journalReplays            atomic.Uint64
 	lazyDetaches              atomic.Uint64
 	orphansDetached           atomic.Uint64
@@ -98,11 +98,13 @@ func (s *Snapshotter) WriteMetrics(ctx context.Context, w io.Writer) error {
 	p("# HELP loop_snapshotter_clones_total Images cloned, by method.\n# TYPE loop_snapshotter_clones_total counter\n")
 	p("loop_snapshotter_clones_total{method=\"reflink\"} %d\n", s.m.cloneReflink.Load())
 	p("loop_snapshotter_clones_total{method=\"sparse\"} %d\n", s.m.cloneSparse.Load())
+	p("# HELP loop_snapshotter_resizes_total Images resized with resize2fs, by direction.\n# TYPE loop_snapshotter_resizes_total counter\n")
+	p("loop_snapshotter_resizes_total{direction=\"grow\"} %d\n", s.m.grows.Load())
+	p("loop_snapshotter_resizes_total{direction=\"shrink\"} %d\n", s.m.shrinks.Load())
 	for _, c := range []struct {
 		name, help string
 		v          uint64
 	}{
-		{"resizes_total", "Images grown with resize2fs.", s.m.resizes.Load()},
 		{"journal_replays_total", "Dirty journals replayed at Commit.", s.m.journalReplays.Load()},
 		{"lazy_detaches_total", "Detaches deferred by the kernel to the device's last close.", s.m.lazyDetaches.Load()},
 		{"orphans_detached_total", "Orphan devices detached at startup or by Cleanup.", s.m.orphansDetached.Load()},

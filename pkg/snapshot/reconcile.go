@@ -139,6 +139,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			}
 		}
 	}
+	errs = append(errs, s.pruneTemplates())
 	s.cleanupMu.Unlock()
 
 	own, err := s.ownDevices()
@@ -157,6 +158,31 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	entries, _ = os.ReadDir(filepath.Join(s.root, "trash"))
 	for _, e := range entries {
 		if err := os.RemoveAll(filepath.Join(s.root, "trash", e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pruneTemplates removes the empty-image templates of sizes other than
+// default_size: there is one per distinct size a parentless Prepare asked
+// for. The caller holds cleanupMu, so no clone reads a template meanwhile;
+// the default_size one keeps the next plain Prepare from running mkfs.
+func (s *Snapshotter) pruneTemplates() error {
+	s.tmplMu.Lock()
+	defer s.tmplMu.Unlock()
+	dir := filepath.Join(s.root, "templates")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	keep := filepath.Base(s.templatePath(int64(s.cfg.DefaultSize)))
+	var errs []error
+	for _, e := range entries {
+		if e.Name() == keep {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}

@@ -9,6 +9,8 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
+
+	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
 // Status is what `loop-snapshotter status` prints.
@@ -100,7 +102,12 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 				if len(e.sn.ParentIDs) > 0 {
 					parent = s.imagePath(e.sn.ParentIDs[0])
 				}
-				if u, err := imageUsage(s.imagePath(e.id), parent); err == nil {
+				var dev *loopdev.Record
+				if d, ok := byKey[k]; ok {
+					rec := d.info.Record()
+					dev = &rec
+				}
+				if u, err := imageUsage(s.imagePath(e.id), parent, dev); err == nil {
 					ss.Usage = u.Size
 				}
 			} else {
