@@ -85,7 +85,7 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 			}
 			adopted[d.key] = true
 			s.devs.remember(d.key, rec)
-			log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.image}).Info("adopted device")
+			log.G(ctx).WithFields(deviceFields(d.info.Record(), d.image)).Info("adopted device")
 			continue
 		}
 		// Not needed, or a second binding of a needed image: nothing is
@@ -208,7 +208,7 @@ func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
 }
 
 func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error {
-	log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
+	log.G(ctx).WithFields(deviceFields(d.info.Record(), d.info.BackingFile)).Info("detaching orphan device")
 	if err := s.devs.detachRecord(ctx, d.info.Record(), d.image); err != nil {
 		return err
 	}
