@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
@@ -108,17 +109,7 @@ func TestCommitFullBackingFilesystem(t *testing.T) {
 	base := t.TempDir()
 	testutil.NoLeaks(t, base)
 	full := filepath.Join(base, "full")
-	if err := os.Mkdir(full, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", full, "tmpfs", 0, "size=96m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(full, 0); err != nil {
-			t.Errorf("unmount tmpfs: %v", err)
-		}
-	})
+	testfs.MountTmpfs(t, full, 96<<20)
 	ctx := context.Background()
 	s := openAt(t, filepath.Join(full, "root"), nil)
 	ms, err := s.Prepare(ctx, "a", "", snapshots.WithLabels(map[string]string{LabelMaxSize: strconv.Itoa(256 << 20)}))
