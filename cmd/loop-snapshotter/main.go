@@ -18,19 +18,17 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path"
 	"path/filepath"
 	"syscall"
 	"time"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
 	toml "github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
+	"github.com/loopkit/loopkit/internal/snapservice"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -167,21 +165,9 @@ func serve(o *options) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return resp, err
-		}),
-		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			start := time.Now()
-			err := h(srv, ss)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return err
-		}),
-	)
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	svc := snapservice.New(sn)
+	srv := grpc.NewServer(svc.ServerOptions()...)
+	svc.Register(srv)
 	registerStatus(srv, sn)
 
 	errc := make(chan error, 2)
@@ -193,12 +179,7 @@ func serve(o *options) error {
 			return fmt.Errorf("metrics listener: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			if err := sn.WriteMetrics(r.Context(), w); err != nil {
-				log.G(ctx).WithError(err).Warn("write metrics")
-			}
-		})
+		mux.Handle("/metrics", svc.MetricsHandler())
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() { errc <- hs.Serve(ml) }()
 		defer hs.Close()

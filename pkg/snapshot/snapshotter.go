@@ -39,7 +39,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopkit/loopkit/pkg/config"
-	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
 // LabelMaxSize is the per-snapshot filesystem size label (containerd 2.4,
@@ -82,8 +81,7 @@ type Snapshotter struct {
 	closeErr  error
 	fault     func(step string)
 
-	m   metrics
-	rpc rpcStats
+	m metrics
 }
 
 var (
@@ -268,11 +266,11 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Us
 	if info.Kind == snapshots.KindView {
 		k.role = roleRO
 	}
-	var dev *loopdev.Record
+	mnt := ""
 	if rec, ok := s.devs.cached(k); ok {
-		dev = &rec
+		mnt = mountPoints()[rec.Devnum]
 	}
-	return imageUsage(s.imagePath(id), parentImage(s, parentID), dev)
+	return imageUsage(s.imagePath(id), parentImage(s, parentID), mnt)
 }
 
 func parentImage(s *Snapshotter, parentID string) string {
@@ -623,6 +621,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	unlock := s.devs.lock(k)
 	defer unlock()
 	if reason, ok := s.damagedReason(id, image); ok {
+		s.m.dataLossRefusals.Add(1)
 		return dataLossError(reason)
 	}
 	start := time.Now()
@@ -653,7 +652,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		// would succeed on an image that lost the data.
 		return s.refuseDamaged(id, image, err)
 	}
-	usage, err := imageUsage(image, parentImage(s, parentID), nil)
+	usage, err := imageUsage(image, parentImage(s, parentID), "")
 	if err != nil {
 		return err
 	}
@@ -682,6 +681,7 @@ func (s *Snapshotter) refuseDamaged(id, image string, cause error) error {
 	} else {
 		err = fmt.Errorf("%w; image %s kept for inspection", err, image)
 	}
+	s.m.dataLossRefusals.Add(1)
 	s.damagedMu.Lock()
 	s.damaged[id] = err.Error()
 	s.damagedMu.Unlock()

@@ -9,8 +9,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
-
-	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
 // Status is what `loop-snapshotter status` prints.
@@ -20,6 +18,8 @@ type Status struct {
 	Orphans   []DeviceStatus   `json:"orphans"`
 	Trash     int              `json:"trash_entries"`
 	Staging   int              `json:"staging_entries"`
+	// devices counts the loop devices backed under root (metrics).
+	devices int
 }
 
 // SnapshotStatus describes one snapshot and its device, if attached.
@@ -85,7 +85,8 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 			byKey[d.key] = d
 		}
 	}
-	st := Status{Root: s.root, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}}
+	st := Status{Root: s.root, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}, devices: len(own)}
+	mounts := mountPoints()
 	needed := map[devKey]bool{}
 	for _, e := range entries {
 		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
@@ -102,12 +103,11 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 				if len(e.sn.ParentIDs) > 0 {
 					parent = s.imagePath(e.sn.ParentIDs[0])
 				}
-				var dev *loopdev.Record
+				mnt := ""
 				if d, ok := byKey[k]; ok {
-					rec := d.info.Record()
-					dev = &rec
+					mnt = mounts[d.info.Devnum]
 				}
-				if u, err := imageUsage(s.imagePath(e.id), parent, dev); err == nil {
+				if u, err := imageUsage(s.imagePath(e.id), parent, mnt); err == nil {
 					ss.Usage = u.Size
 				}
 			} else {

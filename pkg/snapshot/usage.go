@@ -55,6 +55,10 @@ func unsharedBytes(path string) (int64, error) {
 		le.PutUint64(buf[8:], ^uint64(0)-start) // to the end of the file
 		le.PutUint32(buf[24:], fiemapBatch)     // fm_extent_count
 		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0]))); errno != 0 {
+			if errno == unix.EOPNOTSUPP || errno == unix.ENOTTY {
+				// No FIEMAP (tmpfs), so no shared extents either.
+				return allocated(path)
+			}
 			return 0, &os.PathError{Op: "FIEMAP", Path: path, Err: errno}
 		}
 		n := le.Uint32(buf[20:]) // fm_mapped_extents
@@ -75,15 +79,13 @@ func unsharedBytes(path string) (int64, error) {
 	}
 }
 
-// usedInodes is the inodes in use in image: statfs of the filesystem
-// mounted from dev where this mount namespace has one, else the superblock.
-func usedInodes(image string, dev *loopdev.Record) (int64, error) {
-	if dev != nil {
-		if mnt, ok := mountOf(dev.Devnum); ok {
-			var st unix.Statfs_t
-			if err := unix.Statfs(mnt, &st); err == nil {
-				return int64(st.Files) - int64(st.Ffree), nil
-			}
+// usedInodes is the inodes in use in image: statfs of mnt, the filesystem
+// mounted from its device, if given, else the superblock.
+func usedInodes(image, mnt string) (int64, error) {
+	if mnt != "" {
+		var st unix.Statfs_t
+		if err := unix.Statfs(mnt, &st); err == nil {
+			return int64(st.Files) - int64(st.Ffree), nil
 		}
 	}
 	sb, err := ext4.ReadFile(image)
@@ -93,30 +95,31 @@ func usedInodes(image string, dev *loopdev.Record) (int64, error) {
 	return sb.UsedInodes(), nil
 }
 
-// mountOf returns a mount point of the block device devnum in this mount
-// namespace.
-func mountOf(devnum loopdev.Devnum) (string, bool) {
-	major, minor := int(devnum.Major()), int(devnum.Minor())
-	mounts, err := mountinfo.GetMounts(func(i *mountinfo.Info) (skip, stop bool) {
-		if i.Major == major && i.Minor == minor {
-			return false, true
-		}
-		return true, false
-	})
-	if err != nil || len(mounts) == 0 {
-		return "", false
+// mountPoints maps each block device mounted in this mount namespace to
+// one of its mount points.
+func mountPoints() map[loopdev.Devnum]string {
+	mounts, err := mountinfo.GetMounts(nil)
+	if err != nil {
+		return nil
 	}
-	return mounts[0].Mountpoint, true
+	out := map[loopdev.Devnum]string{}
+	for _, m := range mounts {
+		d := loopdev.Devnum(unix.Mkdev(uint32(m.Major), uint32(m.Minor)))
+		if _, ok := out[d]; !ok {
+			out[d] = m.Mountpoint
+		}
+	}
+	return out
 }
 
 // imageUsage measures image (a snapshot on top of the image parent, or of
-// nothing); dev is its attached device, if any.
-func imageUsage(image, parent string, dev *loopdev.Record) (snapshots.Usage, error) {
+// nothing); mnt is where its filesystem is mounted, if known.
+func imageUsage(image, parent, mnt string) (snapshots.Usage, error) {
 	size, err := unsharedBytes(image)
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", image, err)
 	}
-	inodes, err := usedInodes(image, dev)
+	inodes, err := usedInodes(image, mnt)
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", image, err)
 	}
