@@ -8,6 +8,7 @@ require (
 	github.com/containerd/errdefs v1.0.0
 	github.com/containerd/errdefs/pkg v0.3.0
 	github.com/containerd/log v0.2.0
+	github.com/loopkit/loopkit/pkg/loopdev v0.0.0
 	github.com/moby/sys/mountinfo v0.7.2
 	github.com/opencontainers/go-digest v1.0.0
 	github.com/opencontainers/image-spec v1.1.1
@@ -58,3 +59,7 @@ require (
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260825221802-da73d73af1c5 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+// pkg/loopdev is its own module (stdlib + x/sys only) so that importers,
+// containerd among them, do not pull in this module's dependencies.
+replace github.com/loopkit/loopkit/pkg/loopdev => ./pkg/loopdev

@@ -181,7 +181,7 @@ func TestTeardownLeavesReusedDevice(t *testing.T) {
 	foreignRec := foreign.Record()
 	foreign.Close()
 	t.Cleanup(func() {
-		if err := loopdev.DetachRecord(ctxT(t), foreignRec); err != nil && !isGoneOrReused(err) {
+		if err := loopdev.DetachRecord(ctxT(t), foreignRec, loopdev.DetachOptions{}); err != nil && !isGoneOrReused(err) {
 			t.Errorf("cleanup detach %s: %v", node, err)
 		}
 	})

@@ -196,7 +196,7 @@ func openImages(plans []Plan, allowed []string) ([]*Image, error) {
 // tools that take no lock.
 func lockImages(images []*Image) error {
 	for _, im := range images {
-		bound, err := loopdev.FindByBacking(loopdev.BackingID{Dev: im.Dev, Ino: im.Ino})
+		bound, err := loopdev.FindByBacking(im.ImagePath, loopdev.BackingID{Dev: im.Dev, Ino: im.Ino})
 		if err != nil {
 			return fmt.Errorf("list loop devices of %s: %w", im.ImagePath, err)
 		}
@@ -232,7 +232,7 @@ func (h *Hook) attach(ctx context.Context, im *Image, id string, undo *undoStack
 		return nil, fmt.Errorf("attach %s: %w", im.ImagePath, err)
 	}
 	undo.push(func() {
-		if err := dev.Detach(); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
+		if err := dev.Detach(ctx); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
 			log.WithError(err).WithField("device", dev.Path()).Warn("rollback: detach")
 		}
 	})

@@ -72,7 +72,7 @@ func (h *Hook) releaseMount(ctx context.Context, m MountRecord, log *logrus.Entr
 		"device": rec.Path, "devnum": rec.Devnum.String(), "diskseq": rec.DiskSeq,
 		"backing_file": m.ImagePath, "dest": m.Dest,
 	})
-	err := loopdev.DetachRecord(ctx, rec)
+	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{})
 	switch {
 	case err == nil:
 		l.Info("detached")

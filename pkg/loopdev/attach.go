@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -11,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -157,7 +157,9 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		// uniform[0, 10ms + 240ms*n/64): systemd's randomized backoff.
 		limit := 10*time.Millisecond + time.Duration(240*float64(time.Millisecond)*float64(n+1)/maxAttempts)
 		sleep := rand.N(limit)
-		log.G(ctx).WithError(err).WithField("attempt", n+1).Debugf("loop attach collided on loop%d, retrying in %v", nr, sleep)
+		loggerOr(opts.Logger).LogAttrs(ctx, slog.LevelDebug, "loop attach collided, retrying",
+			slog.String("device", "/dev/loop"+strconv.Itoa(nr)), slog.Int("attempt", n+1),
+			slog.Duration("backoff", sleep), slog.Any("error", err))
 		if opts.onBackoff != nil {
 			opts.onBackoff(n+1, sleep)
 		}
@@ -189,7 +191,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
-		remove: opts.RemoveDevice}
+		remove: opts.RemoveDevice, log: loggerOr(opts.Logger)}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -282,7 +284,8 @@ func configure(ctx context.Context, d *Device, b *backing, opts *Options, cfg un
 			if errors.Is(err, errConfigureBroken) {
 				// Never reuse this device in place: the clear may be lazy.
 				configureBroken.Store(true)
-				log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE misapplied its arguments, using LOOP_SET_FD from now on")
+				d.logger().LogAttrs(ctx, slog.LevelDebug, "LOOP_CONFIGURE misapplied its arguments, using LOOP_SET_FD from now on",
+					slog.String("device", d.path), slog.Any("error", err))
 				return fmt.Errorf("%s: %v: %w", d.path, err, unix.EBUSY)
 			}
 			return err
@@ -291,7 +294,8 @@ func configure(ctx context.Context, d *Device, b *backing, opts *Options, cfg un
 			return fmt.Errorf("LOOP_CONFIGURE %s: %w", d.path, err)
 		}
 		configureBroken.Store(true)
-		log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE unsupported, using LOOP_SET_FD")
+		d.logger().LogAttrs(ctx, slog.LevelDebug, "LOOP_CONFIGURE unsupported, using LOOP_SET_FD",
+			slog.String("device", d.path), slog.Any("error", err))
 	}
 	// Legacy path on the same, still unbound device.
 	if err := unix.IoctlSetInt(fd, unix.LOOP_SET_FD, int(cfg.Fd)); err != nil {
@@ -457,8 +461,8 @@ func finish(ctx context.Context, ctl *ofd, d *Device, b *backing, opts *Options)
 	if opts.Keep {
 		d.owned = false
 	}
-	log.G(ctx).WithFields(log.Fields{"device": d.path, "devnum": d.devnum.String(), "diskseq": d.diskseq,
-		"backing_file": d.backingPath}).Debug("loop device attached")
+	d.logger().LogAttrs(ctx, slog.LevelDebug, "loop device attached", slog.String("device", d.path),
+		slog.String("devnum", d.devnum.String()), slog.Uint64("diskseq", d.diskseq), slog.String("backing_file", d.backingPath))
 	return nil
 }
 
@@ -576,7 +580,7 @@ func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, er
 	if err != nil {
 		return nil, true, err
 	}
-	d := &Device{file: f, path: b.path, nr: -1, devnum: devnum, backingPath: b.path, shortcut: true,
+	d := &Device{file: f, path: b.path, nr: -1, devnum: devnum, backingPath: b.path, shortcut: true, log: loggerOr(opts.Logger),
 		sectorSize: b.blockSize, size: b.size, readOnly: b.readOnly,
 		fences: Fences{SeqnumNotBefore: math.MaxUint64}}
 	// A partition of a loop disk answers LOOP_GET_STATUS64 for its parent:
@@ -605,6 +609,7 @@ func mirrorDiscard(ctx context.Context, b *backing, d *Device) {
 		err = os.WriteFile(d.devnum.SysfsDir()+"/queue/discard_max_bytes", []byte(v), 0)
 	}
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("device", d.path).Debug("copy discard_max_bytes from block backing")
+		d.logger().LogAttrs(ctx, slog.LevelDebug, "copy discard_max_bytes from block backing",
+			slog.String("device", d.path), slog.Any("error", err))
 	}
 }

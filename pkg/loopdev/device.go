@@ -1,6 +1,7 @@
 package loopdev
 
 import (
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -54,9 +55,10 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
-	remove      bool        // LOOP_CTL_REMOVE after the clear
-	shortcut    bool        // the block-device backing itself: nothing was attached
-	ioAtAttach  *ioCounters // diskstats when the attach finished, for flush
+	remove      bool         // LOOP_CTL_REMOVE after the clear
+	shortcut    bool         // the block-device backing itself: nothing was attached
+	ioAtAttach  *ioCounters  // diskstats when the attach finished, for flush
+	log         *slog.Logger // nil: discard
 }
 
 func (d *Device) Path() string         { return d.path }

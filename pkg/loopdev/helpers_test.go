@@ -22,7 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/testutil"
 )
 
 // TestMain forces the legacy LOOP_SET_FD path for the whole process when
@@ -48,6 +48,10 @@ func rootDir(t *testing.T) string {
 	testutil.NoLeaks(t, dir)
 	return dir
 }
+
+// bg is the context of teardowns in cleanups, where t.Context() is
+// already cancelled; go test's -timeout bounds them.
+var bg = context.Background()
 
 func testCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -99,7 +103,7 @@ func cleanupDevice(t testing.TB, d *Device) {
 			_ = d.Close()
 			return
 		}
-		err := d.Detach()
+		err := d.Detach(bg)
 		if errors.Is(err, ErrDetachDeferred) {
 			// Another opener (udevd, another package's List) holds it for a
 			// moment; the kernel unbinds at its close. Bounded wait, so
@@ -113,7 +117,7 @@ func cleanupDevice(t testing.TB, d *Device) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			if stillOurs(rec) {
-				if err2 := DetachRecord(ctx, rec); err2 != nil {
+				if err2 := DetachRecord(ctx, rec, DetachOptions{}); err2 != nil {
 					t.Logf("cleanup of %s: %v, then %v", rec.Path, err, err2)
 				}
 			}

@@ -54,7 +54,7 @@ func TestR03_ControlLockAndLockOrder(t *testing.T) {
 
 	h = holdFlock(t, "/dev/loop-control", true)
 	done := make(chan error, 1)
-	go func() { done <- d.Detach() }()
+	go func() { done <- d.Detach(bg) }()
 	time.Sleep(300 * time.Millisecond)
 	select {
 	case err := <-done:
@@ -138,7 +138,7 @@ func deadlockHunt(t *testing.T, img string, udev bool) {
 					continue
 				}
 				// Chaos actors may hold the device open at the clear.
-				if err := d.Detach(); !acceptableDetach(err, true) {
+				if err := d.Detach(bg); !acceptableDetach(err, true) {
 					failures.Add(1)
 					t.Errorf("worker %d cycle %d: detach: %v", w, i, err)
 				}

@@ -169,21 +169,21 @@ func TestR10_PartscanWithoutFlapping(t *testing.T) {
 		if !kernelScan {
 			// This kernel has no GPT parser: partitions come from BLKPG.
 			if err := addPartitions(d, fivePartitions); err != nil {
-				_ = d.Detach()
+				_ = d.Detach(bg)
 				t.Fatal(err)
 			}
 		}
 		parts, err := d.Partitions()
 		if err != nil || len(parts) != 5 {
-			_ = d.Detach()
+			_ = d.Detach(bg)
 			t.Fatalf("iteration %d: partitions %v, %v", i, parts, err)
 		}
 		if d.DiskSeq() == 0 {
-			_ = d.Detach()
+			_ = d.Detach(bg)
 			t.Skip("kernel without diskseq: cannot attribute uevents")
 		}
 		runs = append(runs, attach{d.Nr(), d.DiskSeq(), ueventSeqnum(t)})
-		if err := d.Detach(); err != nil && !errors.Is(err, ErrDetachDeferred) {
+		if err := d.Detach(bg); err != nil && !errors.Is(err, ErrDetachDeferred) {
 			t.Fatalf("iteration %d: detach: %v", i, err)
 		}
 	}
@@ -242,7 +242,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 	}
 	pf.Close()
 	rec1 := d1.Record()
-	if err := d1.Detach(); err != nil {
+	if err := d1.Detach(bg); err != nil {
 		t.Fatal(err)
 	}
 	// Reattach until the same number comes back (get-free prefers it).
@@ -257,7 +257,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		extra = append(extra, d)
 	}
 	for _, e := range extra {
-		_ = e.Detach()
+		_ = e.Detach(bg)
 	}
 	if d2 == nil {
 		t.Skipf("loop%d never came back (busy host)", rec1.nrOrMinus())
@@ -368,7 +368,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		if err := Verify(rec); err != nil {
 			t.Errorf("Verify of a live record without diskseq: %v", err)
 		}
-		if err := d.Detach(); err != nil {
+		if err := d.Detach(bg); err != nil {
 			t.Fatal(err)
 		}
 	})

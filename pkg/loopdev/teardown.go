@@ -4,32 +4,59 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
-// defaultTeardownTimeout bounds Detach and Close, which take no context.
-const defaultTeardownTimeout = 60 * time.Second
-
-// Detach is the full locked teardown of an owned device (spec 8.1). It
-// returns nil when the device was cleared and removed, an error matching
-// ErrDetachDeferred when a mount or another opener still holds it (the
-// kernel unbinds it at the last close), and ErrNotOwned for a handle that is
-// not owned (opened or relinquished: see Unrelinquish). On the
-// block-device shortcut it equals Close. The handle is
-// unusable afterwards, whatever the result.
-func (d *Device) Detach() error {
-	ctx, cancel := context.WithTimeout(context.Background(), defaultTeardownTimeout)
-	defer cancel()
-	return d.DetachContext(ctx)
+// DetachOptions select the variants of a teardown, for DetachWith and
+// DetachRecord. The zero value is the plain full teardown.
+type DetachOptions struct {
+	// Wait, after a deferred detach (a mount or another opener still holds
+	// the device), polls sysfs until the kernel has unbound it or ctx ends.
+	// The error then names the holders.
+	Wait bool
+	// Exclusive opens the device O_EXCL first: while a filesystem is mounted
+	// from it (a mount claims the block device) the detach fails with
+	// ErrInUse and touches nothing. The clear is issued on that exclusive fd,
+	// so nothing can mount the device in between.
+	Exclusive bool
+	// RemoveDevice deletes /dev/loopN with LOOP_CTL_REMOVE after the clear,
+	// as systemd does. A device attached with Options.RemoveDevice is removed
+	// either way.
+	RemoveDevice bool
+	// Logger receives debug records of the teardown; nil uses the logger the
+	// handle was made with (none by default).
+	Logger *slog.Logger
 }
 
-// DetachContext is Detach with a caller's deadline.
-func (d *Device) DetachContext(ctx context.Context) error {
+// Detach is the full teardown of an owned device: flush, lock, delete
+// partitions, LOOP_CLR_FD, and LOOP_CTL_REMOVE if the device was attached
+// with Options.RemoveDevice. It returns nil when the device was cleared, an
+// error matching ErrDetachDeferred when a mount or another opener still
+// holds it (the kernel unbinds it at the last close), and ErrNotOwned for a
+// handle that is not owned (opened or relinquished: see Unrelinquish). On
+// the block-device shortcut it equals Close. Every wait ends with ctx. The
+// handle is unusable afterwards, whatever the result.
+func (d *Device) Detach(ctx context.Context) error {
+	return d.DetachWith(ctx, DetachOptions{})
+}
+
+// DetachWith is Detach with the variants of opts. With opts.Exclusive, an
+// ErrInUse result leaves the handle open and usable.
+func (d *Device) DetachWith(ctx context.Context, opts DetachOptions) error {
+	rec := d.Record()
+	err := d.detach(ctx, opts)
+	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
+		return awaitUnbind(ctx, rec)
+	}
+	return err
+}
+
+func (d *Device) detach(ctx context.Context, opts DetachOptions) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -40,6 +67,29 @@ func (d *Device) DetachContext(ctx context.Context) error {
 	}
 	if !d.owned {
 		return fmt.Errorf("detach %s: %w", d.path, ErrNotOwned)
+	}
+	if opts.Logger != nil {
+		d.log = opts.Logger
+	}
+	d.remove = d.remove || opts.RemoveDevice
+	if opts.Exclusive {
+		// A new OFD opened O_EXCL: EBUSY means a mount (or another exclusive
+		// opener) claims the device. Our own non-exclusive fds do not count.
+		ex, err := reopen(d.file, openBase|unix.O_RDONLY|unix.O_EXCL)
+		if err != nil {
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("detach %s: %w", d.path, ErrInUse)
+			}
+			return fmt.Errorf("detach %s: %w", d.path, err)
+		}
+		// Dirty pages go out through the old fd; then the exclusive one
+		// becomes the main fd and the clear is issued on it.
+		err = d.flush()
+		d.file.Close()
+		d.file = ex
+		if err != nil {
+			d.ioAtAttach = nil // flush again below; report only once
+		}
 	}
 	// Lock order: the device lock fd goes first (and LOOP_CLR_FD must not see
 	// it as an extra opener), then the control lock.
@@ -66,6 +116,7 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	d.uevents.Close()
 	d.closed = true
 	f := d.file
+	log := d.logger()
 	var errs []error
 	// In-flight I/O at LOOP_CLR_FD can be lost: sync first, always.
 	if err := d.flush(); err != nil {
@@ -88,7 +139,8 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	// From 6.11 LOOP_CLR_FD only marks autoclear; the unbind happens at the
 	// last close. Still bound with our diskseq now means someone holds it.
 	if d.stillBound() {
-		log.G(ctx).WithFields(log.Fields{"device": d.path, "diskseq": d.diskseq}).Debug("loop detach deferred: device still open")
+		log.LogAttrs(ctx, slog.LevelDebug, "loop detach deferred: device still open",
+			slog.String("device", d.path), slog.Uint64("diskseq", d.diskseq))
 		errs = append(errs, ErrDetachDeferred)
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
@@ -100,7 +152,7 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	if len(errs) > 0 {
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
-	log.G(ctx).WithFields(log.Fields{"device": d.path, "diskseq": d.diskseq}).Debug("loop device detached")
+	log.LogAttrs(ctx, slog.LevelDebug, "loop device detached", slog.String("device", d.path), slog.Uint64("diskseq", d.diskseq))
 	return nil
 }
 
@@ -175,17 +227,6 @@ func (d *Device) closeLocked() error {
 		errs = append(errs, fmt.Errorf("close %s: %w", d.path, err))
 	}
 	return errors.Join(errs...)
-}
-
-// DetachAndWait detaches and, if the kernel deferred the unbind, polls until
-// the device is unbound or ctx is done; then it names the holders.
-func (d *Device) DetachAndWait(ctx context.Context) error {
-	rec := d.Record()
-	err := d.DetachContext(ctx)
-	if !errors.Is(err, ErrDetachDeferred) {
-		return err
-	}
-	return awaitUnbind(ctx, rec)
 }
 
 // awaitUnbind polls sysfs (no open: an open would itself hold the device)

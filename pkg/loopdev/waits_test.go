@@ -81,7 +81,7 @@ func TestR21_NoUnboundedWaits(t *testing.T) {
 		bounded(t, "DetachContext", func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			defer cancel()
-			return d.DetachContext(ctx)
+			return d.Detach(ctx)
 		})
 		h.stop()
 		// Without the control lock the handle falls back to a plain close:
@@ -124,7 +124,7 @@ func TestR22_ThreadSafety(t *testing.T) {
 						t.Error(err)
 						continue
 					}
-					if err := e.Detach(); !acceptableDetach(err, true) {
+					if err := e.Detach(bg); !acceptableDetach(err, true) {
 						t.Error(err)
 					}
 				}

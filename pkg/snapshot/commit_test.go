@@ -185,7 +185,7 @@ func TestMountsCommitRace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	infos, err := loopdev.FindByBacking(bid)
+	infos, err := loopdev.FindByBacking(s.imagePath(id), bid)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -125,7 +127,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 	if err != nil {
 		return loopdev.Record{}, err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return loopdev.Record{}, fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -225,7 +227,7 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 	if err != nil {
 		return err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -242,7 +244,7 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 // vanishes at its last close): that is counted and logged, not an error.
 func (d *devices) detachRecord(ctx context.Context, rec loopdev.Record, image string) error {
 	fields := deviceFields(rec, image)
-	err := loopdev.DetachRecord(ctx, rec)
+	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{})
 	switch {
 	case err == nil:
 		log.G(ctx).WithFields(fields).Debug("detached device")
@@ -284,7 +286,7 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 	if err != nil {
 		return err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -311,32 +313,64 @@ const mountedGrace = 200 * time.Millisecond
 // reported instead of waited for.
 const openerGrace = time.Second
 
+// settleGrace bounds the retries of a device that is claimed although no
+// mount namespace in /proc has it mounted: the kernel is still tearing
+// down the last superblock (slow when its final writes fail, on a full
+// backing filesystem).
+const settleGrace = 5 * time.Second
+
 // detachUnmounted is the exclusive, waiting detach. A device still mounted
-// (in any mount namespace) after mountedGrace, or still open after
+// in some mount namespace after mountedGrace, or still open after
 // openerGrace, fails with errdefs.ErrFailedPrecondition naming the holder
-// found in /proc.
+// found in /proc. Only the unbind wait is bounded by openerGrace; waiting
+// for the host-wide loop-control lock is ctx's.
 func detachUnmounted(ctx context.Context, rec loopdev.Record) error {
-	deadline := time.Now().Add(mountedGrace)
-	opts := loopdev.DetachOptions{Exclusive: true, Wait: true}
+	start := time.Now()
+	scanned := false
 	for {
-		wctx, cancel := context.WithTimeout(ctx, openerGrace)
-		err := loopdev.DetachRecordWith(wctx, rec, opts)
-		cancel()
-		if errors.Is(err, loopdev.ErrDetachDeferred) && ctx.Err() == nil {
-			return fmt.Errorf("snapshot device %s is still open after %v (%s): %w", rec.Path, openerGrace,
-				describeHolders(findHolders(rec.Devnum, rec.Path, true)), errdefs.ErrFailedPrecondition)
+		err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{Exclusive: true})
+		if errors.Is(err, loopdev.ErrDetachDeferred) {
+			return awaitUnbind(ctx, rec)
 		}
 		if !errors.Is(err, loopdev.ErrInUse) {
 			return err
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("snapshot device %s is still mounted (%s): %w", rec.Path,
-				describeHolders(findHolders(rec.Devnum, "", false)), errdefs.ErrFailedPrecondition)
+		// One /proc scan after mountedGrace: a mount found is reported at
+		// once; none found means a teardown in progress, retried until
+		// settleGrace.
+		if waited := time.Since(start); waited >= settleGrace || (!scanned && waited >= mountedGrace) {
+			scanned = true
+			if holders := findHolders(rec.Devnum, "", false); len(holders) > 0 || waited >= settleGrace {
+				return fmt.Errorf("snapshot device %s is still mounted (%s): %w", rec.Path, describeHolders(holders), errdefs.ErrFailedPrecondition)
+			}
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// awaitUnbind waits, reading sysfs only (an open would delay the unbind),
+// until the cleared device rec is unbound or carries another attachment.
+func awaitUnbind(ctx context.Context, rec loopdev.Record) error {
+	deadline := time.Now().Add(openerGrace)
+	dir := rec.Devnum.SysfsDir()
+	for {
+		_, berr := os.Stat(dir + "/loop/backing_file")
+		seq, serr := os.ReadFile(dir + "/diskseq")
+		if errors.Is(berr, os.ErrNotExist) || (serr == nil && rec.DiskSeq != 0 && strings.TrimSpace(string(seq)) != strconv.FormatUint(rec.DiskSeq, 10)) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("snapshot device %s is still open after %v (%s): %w", rec.Path, openerGrace,
+				describeHolders(findHolders(rec.Devnum, rec.Path, true)), errdefs.ErrFailedPrecondition)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
 		}
 	}
 }

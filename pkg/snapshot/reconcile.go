@@ -24,21 +24,26 @@ type ownDevice struct {
 
 // ownDevices lists the loop devices backed by files under root. sysfs
 // backing_file is the path at attach time as renamed since; the device is
-// ours only if that path is under root.
+// ours only if that path is under root. loopdev.List reads sysfs only:
+// status and metrics scrapes open no device (an open of another owner's
+// device would turn its detach lazy).
 func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
-	infos, err := loopdev.List()
+	under := func(p string) (string, bool) {
+		rel, err := filepath.Rel(s.root, p)
+		return rel, err == nil && rel != "." && !strings.HasPrefix(rel, "..")
+	}
+	infos, err := loopdev.List(func(i loopdev.Info) (skip, stop bool) {
+		_, ok := under(i.BackingFile)
+		return !ok, false
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)
 	}
-	var out []ownDevice
+	out := make([]ownDevice, 0, len(infos))
 	for _, info := range infos {
-		p, deleted := info.BackingFile, info.Deleted
-		rel, err := filepath.Rel(s.root, p)
-		if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
-			continue
-		}
-		d := ownDevice{info: info, image: p, gone: deleted}
-		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "image" && !deleted {
+		rel, _ := under(info.BackingFile)
+		d := ownDevice{info: info, image: info.BackingFile, gone: info.Deleted}
+		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "image" && !info.Deleted {
 			r := roleRW
 			if info.ReadOnly {
 				r = roleRO
@@ -234,7 +239,7 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 		}
 		// Wait: a lister (or a leftover mount) may hold it; callers see the
 		// device gone when Purge returns (or ctx ends).
-		err := loopdev.DetachRecordWith(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
+		err := loopdev.DetachRecord(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
 			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
 		}

@@ -280,8 +280,8 @@ func TestCommitWhileMounted(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(base, "m", "f"), []byte("data"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Commit(ctx, "c", "a"); !errdefs.IsFailedPrecondition(err) {
-		t.Fatalf("commit while mounted: %v, want FailedPrecondition", err)
+	if err := s.Commit(ctx, "c", "a"); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), ") at "+filepath.Join(base, "m")) {
+		t.Fatalf("commit while mounted: %v, want FailedPrecondition naming the mount", err)
 	}
 	if info, err := s.Stat(ctx, "a"); err != nil || info.Kind != snapshots.KindActive {
 		t.Fatalf("after refused commit: %v %v", info.Kind, err)
@@ -354,7 +354,7 @@ func TestRestart(t *testing.T) {
 		t.Errorf("adopted diskseq %d, want %d", got.DiskSeq, rec.DiskSeq)
 	}
 	// Reboot: the device disappears behind our back.
-	if err := loopdev.DetachRecord(ctx, rec); err != nil {
+	if err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	ms3, err := s.Mounts(ctx, "a")
@@ -401,7 +401,7 @@ func TestCleanup(t *testing.T) {
 	}
 	rec := dev.Record()
 	dev.Close()
-	t.Cleanup(func() { loopdev.DetachRecord(ctx, rec) })
+	t.Cleanup(func() { loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{}) })
 	st, err := s.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -466,7 +466,7 @@ func TestDirectIO(t *testing.T) {
 		if !ok {
 			t.Fatal("no device")
 		}
-		infos, err := loopdev.List()
+		infos, err := loopdev.List(nil)
 		if err != nil {
 			t.Fatal(err)
 		}
