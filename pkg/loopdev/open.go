@@ -263,6 +263,11 @@ func Verify(rec Record) error {
 // attachment (spec 8.3). With exclusive the open is O_EXCL, which fails with
 // EBUSY (ErrInUse) while a filesystem is mounted from the device.
 func openRecord(rec Record, exclusive bool) (*os.File, error) {
+	// A zero identity would match whatever is bound there now, a foreign
+	// losetup binding included.
+	if rec.DiskSeq == 0 && rec.Backing == (BackingID{}) {
+		return nil, invalidf("record of %s has neither a diskseq nor a backing identity", rec.Path)
+	}
 	devnum, err := devnumOfNode(rec.Path)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -301,8 +306,13 @@ func openRecord(rec Record, exclusive bool) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s diskseq %d, recorded %d: %w", rec.Path, seq, rec.DiskSeq, ErrReused)
 	case serr != nil || rec.DiskSeq == 0:
-		// Without diskseq the backing identity and offset are the fallback.
-		if (rec.Backing != BackingID{} && (BackingID{Dev: info.Device, Ino: info.Inode}) != rec.Backing) || info.Offset != rec.Offset {
+		// Without diskseq the backing identity and offset are the identity;
+		// a record that has none cannot be checked, so it matches nothing.
+		if rec.Backing == (BackingID{}) {
+			f.Close()
+			return nil, invalidf("%s: diskseq unsupported and the record has no backing identity", rec.Path)
+		}
+		if (BackingID{Dev: info.Device, Ino: info.Inode}) != rec.Backing || info.Offset != rec.Offset {
 			f.Close()
 			return nil, fmt.Errorf("%s bound to another file (diskseq unsupported): %w", rec.Path, ErrReused)
 		}
@@ -317,14 +327,6 @@ func openRecord(rec Record, exclusive bool) (*os.File, error) {
 // untouched), ErrDetachDeferred (cleared, still held; unbinds at the last
 // close), ErrInUse (opts.Exclusive and mounted: untouched).
 func DetachRecord(ctx context.Context, rec Record, opts DetachOptions) error {
-	err := detachRecord(ctx, rec, opts)
-	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
-		return awaitUnbind(ctx, rec)
-	}
-	return err
-}
-
-func detachRecord(ctx context.Context, rec Record, opts DetachOptions) error {
 	f, err := openRecord(rec, opts.Exclusive)
 	if err != nil {
 		return fmt.Errorf("detach %s: %w", rec.Path, err)
@@ -338,21 +340,18 @@ func detachRecord(ctx context.Context, rec Record, opts DetachOptions) error {
 	if d.diskseq == 0 {
 		d.diskseq, _ = getDiskseq(f.Fd())
 	}
-	ctl, err := openControl(ctx)
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("detach %s: %w", rec.Path, err)
-	}
-	defer ctl.Close()
-	// The open fd pins the binding (a clear by others turns lazy), but re-check
-	// under the control lock anyway.
-	if err := d.checkAlive(); err != nil {
-		f.Close()
-		return fmt.Errorf("detach %s: %w", rec.Path, err)
+	// The backing path as sysfs names it now, while our verified fd pins the
+	// binding: without diskseq it is what tells our binding from a later one.
+	if bf, err := readAttr(rec.Devnum.SysfsDir() + "/loop/backing_file"); err == nil {
+		d.backingPath, _ = splitDeleted(bf)
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.teardownLocked(ctx, ctl)
+	err = d.teardownLocked(ctx)
+	d.mu.Unlock()
+	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
+		return d.awaitUnbind(ctx)
+	}
+	return err
 }
 
 // Sweep detaches the loop devices backed by files under backingDir whose

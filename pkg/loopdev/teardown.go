@@ -48,10 +48,9 @@ func (d *Device) Detach(ctx context.Context) error {
 // DetachWith is Detach with the variants of opts. With opts.Exclusive, an
 // ErrInUse result leaves the handle open and usable.
 func (d *Device) DetachWith(ctx context.Context, opts DetachOptions) error {
-	rec := d.Record()
 	err := d.detach(ctx, opts)
 	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
-		return awaitUnbind(ctx, rec)
+		return d.awaitUnbind(ctx)
 	}
 	return err
 }
@@ -66,7 +65,9 @@ func (d *Device) detach(ctx context.Context, opts DetachOptions) error {
 		return d.closeLocked()
 	}
 	if !d.owned {
-		return fmt.Errorf("detach %s: %w", d.path, ErrNotOwned)
+		// Not ours to clear, but the handle is released all the same: its
+		// fds would make the owner's detach lazy, and its lock keeps udev out.
+		return errors.Join(fmt.Errorf("detach %s: %w", d.path, ErrNotOwned), d.closeLocked())
 	}
 	if opts.Logger != nil {
 		d.log = opts.Logger
@@ -82,34 +83,28 @@ func (d *Device) detach(ctx context.Context, opts DetachOptions) error {
 			}
 			return fmt.Errorf("detach %s: %w", d.path, err)
 		}
-		// Dirty pages go out through the old fd; then the exclusive one
-		// becomes the main fd and the clear is issued on it.
-		err = d.flush()
+		// The exclusive fd becomes the main fd and the clear is issued on
+		// it, so nothing can mount the device in between. fsync flushes the
+		// device's page cache whichever fd it is issued on.
 		d.file.Close()
 		d.file = ex
-		if err != nil {
-			d.ioAtAttach = nil // flush again below; report only once
-		}
 	}
-	// Lock order: the device lock fd goes first (and LOOP_CLR_FD must not see
-	// it as an extra opener), then the control lock.
-	if d.lock != nil {
-		d.lock.Close()
-		d.lock = nil
-	}
-	ctl, err := openControl(ctx)
-	if err != nil {
-		// Without the control lock we still must not leak: fall back to a
-		// plain close, which autoclear turns into a detach.
-		return errors.Join(fmt.Errorf("detach %s: %w", d.path, err), d.closeLocked())
-	}
-	defer ctl.Close()
-	return d.teardownLocked(ctx, ctl)
+	return d.teardownLocked(ctx)
 }
 
-// teardownLocked runs spec 8.1 steps 3-8 with the control lock held by ctl.
-func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
+// teardownLocked clears the device with d.mu held. It takes no control lock
+// while it waits for the device lock: a prober holding LOCK_SH on the device
+// would otherwise stall every cooperating Attach on the host, and an
+// allocator that holds a device lock while it waits for the control lock
+// would deadlock against it. The device lock, held on the main fd until the
+// close, is what protects the clear: an allocator handed this number by
+// LOOP_CTL_GET_FREE blocks on it and then re-checks that the device is
+// unbound. Only LOOP_CTL_REMOVE needs the control lock, taken after the
+// close (as systemd's loop_device_free removes after closing).
+func (d *Device) teardownLocked(ctx context.Context) error {
 	if d.lock != nil {
+		// The lock OFD goes first: LOOP_CLR_FD must not see it as an
+		// extra opener, or the clear degrades into a lazy autoclear.
 		d.lock.Close()
 		d.lock = nil
 	}
@@ -125,19 +120,19 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	// Lock the main fd itself, not a new OFD: the lock lasts through the
 	// clear without adding an opener.
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
-		errs = append(errs, fmt.Errorf("lock %s: %w", d.path, err))
+		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
 	if _, err := deletePartitions(f, d.devnum); err != nil && !errors.Is(err, unix.ENODEV) {
 		errs = append(errs, fmt.Errorf("delete partitions: %w", err))
 	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && err != unix.ENXIO {
-		errs = append(errs, fmt.Errorf("LOOP_CLR_FD %s: %w", d.path, err))
+		errs = append(errs, fmt.Errorf("LOOP_CLR_FD: %w", err))
 		f.Close()
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
 	f.Close()
 	// From 6.11 LOOP_CLR_FD only marks autoclear; the unbind happens at the
-	// last close. Still bound with our diskseq now means someone holds it.
+	// last close. Still bound with our identity now means someone holds it.
 	if d.stillBound() {
 		log.LogAttrs(ctx, slog.LevelDebug, "loop detach deferred: device still open",
 			slog.String("device", d.path), slog.Uint64("diskseq", d.diskseq))
@@ -145,7 +140,7 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
 	if d.remove {
-		if err := removeDevice(ctx, ctl, d.nr, d.devnum); err != nil {
+		if err := removeDevice(ctx, d.nr, d.devnum); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -156,21 +151,36 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	return nil
 }
 
-// stillBound reports whether the device still carries this attachment.
+// stillBound reports whether the device still carries this attachment,
+// from sysfs alone (an open would itself hold the device). With diskseq the
+// answer is exact. Without it (before 5.15) any binding is not ours: only
+// one with our backing path and offset counts, the best sysfs can tell.
 func (d *Device) stillBound() bool {
-	if _, err := os.Stat(d.devnum.SysfsDir() + "/loop/backing_file"); err != nil {
+	dir := d.devnum.SysfsDir()
+	bf, err := readAttr(dir + "/loop/backing_file")
+	if err != nil {
 		return false
 	}
-	if d.diskseq == 0 {
-		return true
+	if d.diskseq != 0 {
+		seq, err := readAttrUint(dir + "/diskseq")
+		return err == nil && seq == d.diskseq
 	}
-	seq, err := readAttrUint(d.devnum.SysfsDir() + "/diskseq")
-	return err == nil && seq == d.diskseq
+	if p, _ := splitDeleted(bf); d.backingPath == "" || p != d.backingPath {
+		return false
+	}
+	off, err := readAttrUint(dir + "/loop/offset")
+	return err == nil && off == d.offset
 }
 
-// removeDevice deletes /dev/loopN after the clear, retrying EBUSY (udev or
-// blkid may still hold it): 39 calls, 5 ms doubling every 5th (≈5.7 s).
-func removeDevice(ctx context.Context, ctl *ofd, nr int, devnum Devnum) error {
+// removeDevice deletes /dev/loopN after the clear under the control lock,
+// retrying EBUSY (udev or blkid may still hold it): 39 calls, 38 sleeps of
+// 5 ms doubling after every 5th, 5.09 s in all (systemd's loop_device_free).
+func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
+	ctl, err := openControl(ctx)
+	if err != nil {
+		return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, err)
+	}
+	defer ctl.Close()
 	delay := 5 * time.Millisecond
 	for i := 1; ; i++ {
 		err := unix.IoctlSetInt(int(ctl.Fd()), unix.LOOP_CTL_REMOVE, nr)
@@ -230,12 +240,12 @@ func (d *Device) closeLocked() error {
 }
 
 // awaitUnbind polls sysfs (no open: an open would itself hold the device)
-// until the attachment rec names is unbound, after a deferred detach.
-func awaitUnbind(ctx context.Context, rec Record) error {
-	for (&Device{devnum: rec.Devnum, diskseq: rec.DiskSeq}).stillBound() {
+// until d's attachment is unbound, after a deferred detach.
+func (d *Device) awaitUnbind(ctx context.Context) error {
+	for d.stillBound() {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("detach %s: still held by %v: %w", rec.Path, holders(rec.Devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
+			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
 		case <-time.After(5 * time.Millisecond):
 		}
 	}

@@ -233,8 +233,8 @@ func TestR16_Ownership(t *testing.T) {
 		if !stillOurs(rec) {
 			t.Fatal("Detach of a not-owned handle cleared the device")
 		}
-		// ErrNotOwned changes nothing, the handle included: release it, or
-		// its fd would make the next detach lazy.
+		// ErrNotOwned leaves the binding alone but releases the handle
+		// (its fd would make the next detach lazy); Close is then a no-op.
 		if err := o.Close(); err != nil {
 			t.Fatal(err)
 		}

@@ -279,7 +279,7 @@ func TestCleanupPrunesTemplates(t *testing.T) {
 		t.Fatal(err)
 	}
 	es, _ := os.ReadDir(filepath.Join(s.root, "templates"))
-	if len(es) != 1 || es[0].Name() != filepath.Base(s.templatePath(64<<20)) {
+	if len(es) != 1 || es[0].Name() != filepath.Base(s.templatePath("ext4-", 64<<20)) {
 		t.Errorf("templates after Cleanup: %v, want only the default_size one", es)
 	}
 	if _, err := s.Prepare(ctx, "again", "", snapshots.WithLabels(map[string]string{LabelMaxSize: strconv.Itoa(48 << 20)})); err != nil {

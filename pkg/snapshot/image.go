@@ -44,12 +44,13 @@ const (
 //   - one 256-byte inode per 16 KiB: 1.6% of the size, room for the small
 //     files of distribution images.
 //
-// Layered mode formats its upper filesystems with the same options.
-func mkfsOptions(size int64) []string {
+// Layered mode formats its upper filesystems with the same options
+// (features without resize_inode).
+func mkfsOptions(size int64, features string) []string {
 	journalMiB := min(max(size/64>>20, 4), 64)
 	return []string{
 		"-b", strconv.Itoa(blockSize), "-m", "0", "-i", "16384", "-I", "256",
-		"-J", "size=" + strconv.FormatInt(journalMiB, 10), "-O", ext4Features,
+		"-J", "size=" + strconv.FormatInt(journalMiB, 10), "-O", features,
 		"-E", "root_owner=0:0,lazy_journal_init=1",
 	}
 }
@@ -58,6 +59,26 @@ func mkfsOptions(size int64) []string {
 // directory 0755 owned by 0:0, no lost+found (the conformance suite compares
 // a fresh snapshot with an empty directory).
 func makeTemplate(ctx context.Context, path string, size int64) error {
+	if err := createSized(path, size); err != nil {
+		return err
+	}
+	// lazy_journal_init: the journal lies in holes of a new sparse file,
+	// which read as zeros, so mke2fs need not write it. Discard stays on:
+	// for a file it punches holes, so mke2fs marks the inode tables zeroed
+	// and the kernel's lazyinit thread never writes them.
+	args := append([]string{"-q", "-F", "-t", "ext4"}, mkfsOptions(size, ext4Features)...)
+	if err := run(ctx, "mkfs.ext4", append(args, path)...); err != nil {
+		return err
+	}
+	// debugfs edits the image offline; no mount, no loop device needed.
+	if err := run(ctx, "debugfs", "-w", "-R", "rmdir lost+found", path); err != nil {
+		return err
+	}
+	return syncPath(path)
+}
+
+// createSized creates a new sparse file of size bytes.
+func createSized(path string, size int64) error {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return fmt.Errorf("create template %s: %w", path, err)
@@ -69,19 +90,7 @@ func makeTemplate(ctx context.Context, path string, size int64) error {
 	if err != nil {
 		return fmt.Errorf("size template %s: %w", path, err)
 	}
-	// lazy_journal_init: the journal lies in holes of a new sparse file,
-	// which read as zeros, so mke2fs need not write it. Discard stays on:
-	// for a file it punches holes, so mke2fs marks the inode tables zeroed
-	// and the kernel's lazyinit thread never writes them.
-	args := append([]string{"-q", "-F", "-t", "ext4"}, mkfsOptions(size)...)
-	if err := run(ctx, "mkfs.ext4", append(args, path)...); err != nil {
-		return err
-	}
-	// debugfs edits the image offline; no mount, no loop device needed.
-	if err := run(ctx, "debugfs", "-w", "-R", "rmdir lost+found", path); err != nil {
-		return err
-	}
-	return syncPath(path)
+	return nil
 }
 
 // cloneImage copies src to a new file dst: FICLONE where the filesystem

@@ -49,6 +49,8 @@ func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
 				r = roleRO
 			}
 			d.key = devKey{parts[1], r}
+		} else if !info.Deleted && s.layered() {
+			d.key = layeredKey(rel, info.ReadOnly)
 		}
 		out = append(out, d)
 	}
@@ -60,6 +62,9 @@ func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
 // adopted (autoclear cleared), the others are detached, and with
 // attach_on_start = "eager" missing devices are attached.
 func (s *Snapshotter) reconcile(ctx context.Context) error {
+	if s.layered() {
+		return s.lreconcile(ctx)
+	}
 	staging := filepath.Join(s.root, "staging")
 	entries, err := os.ReadDir(staging)
 	if err != nil {
@@ -117,6 +122,9 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 // record, and loop devices on images under root that no live snapshot
 // needs.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	if s.layered() {
+		return s.lcleanup(ctx)
+	}
 	var errs []error
 	s.cleanupMu.Lock()
 	needed, ids, err := s.liveDevices(ctx)
@@ -169,9 +177,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// pruneTemplates removes the empty-image templates of sizes other than
-// default_size: there is one per distinct size a parentless Prepare asked
-// for. The caller holds cleanupMu, so no clone reads a template meanwhile;
+// pruneTemplates removes the empty-image templates (flat images, layered
+// uppers) of sizes other than default_size: there is one per distinct size
+// a Prepare asked for. The caller holds cleanupMu, so no clone reads a template meanwhile;
 // the default_size one keeps the next plain Prepare from running mkfs.
 func (s *Snapshotter) pruneTemplates() error {
 	s.tmplMu.Lock()
@@ -181,10 +189,13 @@ func (s *Snapshotter) pruneTemplates() error {
 	if err != nil {
 		return err
 	}
-	keep := filepath.Base(s.templatePath(int64(s.cfg.DefaultSize)))
+	keep := map[string]bool{}
+	for _, prefix := range []string{"ext4-", "upper-"} {
+		keep[filepath.Base(s.templatePath(prefix, int64(s.cfg.DefaultSize)))] = true
+	}
 	var errs []error
 	for _, e := range entries {
-		if e.Name() == keep {
+		if keep[e.Name()] {
 			continue
 		}
 		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -225,6 +236,11 @@ func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error
 // it before Close so that a conformance-suite run leaves no device behind;
 // the daemon never does (running containers keep their devices).
 func (s *Snapshotter) Purge(ctx context.Context) error {
+	if s.layered() {
+		// Uppers first: their overlays' lowers are the layer mounts.
+		unmountUnder(filepath.Join(s.root, "u"))
+		unmountUnder(filepath.Join(s.root, "l"))
+	}
 	own, err := s.ownDevices()
 	if err != nil {
 		return err

@@ -61,11 +61,13 @@ func WithFaultHook(fn func(step string)) Opt {
 // Snapshotter is the flat-mode loop snapshotter. It implements
 // snapshots.Snapshotter and snapshots.Cleaner.
 type Snapshotter struct {
-	root string
-	cfg  config.Snapshotter
-	ms   *storage.MetaStore
-	lock *os.File
-	devs *devices
+	root    string
+	cfg     config.Snapshotter
+	mode    string // resolved storage mode of this root
+	backing string // layered mode: how layers are mounted, backingFile or backingLoop
+	ms      *storage.MetaStore
+	lock    *os.File
+	devs    *devices
 
 	// cleanupMu keeps Cleanup's scan of snapshots/ and staging/ away from a
 	// Prepare between its staging clone and its committed rename.
@@ -133,9 +135,18 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	if err := s.checkMode(); err != nil {
 		return nil, err
 	}
-	for _, d := range []string{"templates", "snapshots", "staging", "trash", "damaged"} {
+	dirs := []string{"templates", "snapshots", "staging", "trash", "damaged"}
+	if s.layered() {
+		dirs = layeredDirs
+	}
+	for _, d := range dirs {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	if s.layered() {
+		if s.backing, err = s.layerBacking(ctx); err != nil {
+			return nil, err
 		}
 	}
 	s.ms, err = storage.NewMetaStore(filepath.Join(root, "metadata.db"))
@@ -167,11 +178,11 @@ func (s *Snapshotter) lockRoot() error {
 	return nil
 }
 
-// checkMode records the storage mode in a new root and refuses a root made
-// in another mode. The file is written whole (temporary file, fsync,
-// rename, fsync of root): an empty mode file after a crash on first start
-// would refuse every later start. One left empty by an older version in a
-// root that has no metadata yet is such a first start and is rewritten.
+// checkMode resolves the storage mode: the one recorded in the root, else
+// the configured one (layered when unset) for a new root, which it records.
+// A root made in another mode than the configured one is refused: the two
+// layouts share no file. A mode file left empty (a crash on first start by
+// an older version) in a root that has no metadata yet is a first start.
 func (s *Snapshotter) checkMode() error {
 	p := filepath.Join(s.root, "mode")
 	b, err := os.ReadFile(p)
@@ -181,32 +192,60 @@ func (s *Snapshotter) checkMode() error {
 		}
 	}
 	if errors.Is(err, os.ErrNotExist) {
-		return writeFileSync(p, []byte(s.cfg.Mode+"\n"))
+		s.mode = s.cfg.Mode
+		if s.mode == "" {
+			s.mode = config.ModeLayered
+		}
+		return writeModeFile(p, s.mode)
 	}
 	if err != nil {
 		return err
 	}
-	if m := strings.TrimSpace(string(b)); m != s.cfg.Mode {
-		return fmt.Errorf("root %s was created in mode %q, configured mode is %q: %w", s.root, m, s.cfg.Mode, errdefs.ErrFailedPrecondition)
+	m := strings.TrimSpace(string(b))
+	if m != config.ModeFlat && m != config.ModeLayered {
+		return fmt.Errorf("root %s: mode file holds %q, not layered or flat: %w", s.root, m, errdefs.ErrFailedPrecondition)
+	}
+	if s.cfg.Mode != "" && m != s.cfg.Mode {
+		return fmt.Errorf("root %s holds a %s-mode store but mode = %q is configured: remove the mode key to keep using it, "+
+			"or point root at a new directory and pull images again to move to %s mode: %w", s.root, m, s.cfg.Mode, s.cfg.Mode, errdefs.ErrFailedPrecondition)
+	}
+	s.mode = m
+	return nil
+}
+
+// writeModeFile writes the mode file durably (temporary file, fsync,
+// rename, fsync of root): an empty mode file after a crash on first start
+// would make the next start refuse the root.
+func writeModeFile(p, mode string) error {
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(mode + "\n")
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(p))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("record mode: %w", err)
 	}
 	return nil
 }
 
-// writeFileSync replaces path with data durably: temporary file, fsync,
-// rename, fsync of the directory.
-func writeFileSync(path string, data []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
-	}
-	if err := syncPath(tmp); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
+// Mode returns the storage mode of the open root ("layered" or "flat").
+func (s *Snapshotter) Mode() string { return s.mode }
+
+func (s *Snapshotter) layered() bool { return s.mode == config.ModeLayered }
 
 func (s *Snapshotter) imagePath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "image")
@@ -241,6 +280,9 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // active snapshot, the value stored at Commit for a committed one, nothing
 // for a view of a parent (it shares the parent's image).
 func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
+	if s.layered() {
+		return s.lusage(ctx, key)
+	}
 	var (
 		id, parentID string
 		info         snapshots.Info
@@ -283,6 +325,9 @@ func parentImage(s *Snapshotter, parentID string) string {
 // Prepare creates an active snapshot: a clone of the parent image (or of an
 // empty template) attached read-write.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lcreate(ctx, snapshots.KindActive, key, parent, opts)
+	}
 	return s.create(ctx, snapshots.KindActive, key, parent, opts)
 }
 
@@ -290,6 +335,9 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 // parent's image through one read-only device; a view without a parent
 // gets its own empty image.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lcreate(ctx, snapshots.KindView, key, parent, opts)
+	}
 	return s.create(ctx, snapshots.KindView, key, parent, opts)
 }
 
@@ -329,26 +377,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	size := s.targetSize(ctx, key, base.Labels)
 	// Cheap checks first, so a bad request clones nothing.
-	var parentID string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
-			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
-		} else if !errdefs.IsNotFound(err) {
-			return err
-		}
-		if parent == "" {
-			return nil
-		}
-		id, pinfo, _, err := storage.GetInfo(ctx, parent)
-		if err != nil {
-			return fmt.Errorf("parent %q: %w", parent, err)
-		}
-		if pinfo.Kind != snapshots.KindCommitted {
-			return fmt.Errorf("parent %q is not a committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
-		}
-		parentID = id
-		return nil
-	})
+	parentID, err := s.checkNew(ctx, key, parent)
 	if err != nil {
 		return nil, err
 	}
@@ -373,6 +402,31 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		r = roleRO
 	}
 	return s.attachNew(ctx, key, sn, devKey{sn.ID, r}, s.imagePath(sn.ID))
+}
+
+// checkNew verifies that key is free and that parent, if any, is
+// committed, and returns the parent's id.
+func (s *Snapshotter) checkNew(ctx context.Context, key, parent string) (parentID string, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
+			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		if parent == "" {
+			return nil
+		}
+		id, pinfo, _, err := storage.GetInfo(ctx, parent)
+		if err != nil {
+			return fmt.Errorf("parent %q: %w", parent, err)
+		}
+		if pinfo.Kind != snapshots.KindCommitted {
+			return fmt.Errorf("parent %q is not a committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
+		}
+		parentID = id
+		return nil
+	})
+	return parentID, err
 }
 
 // createImage clones the source image into staging, then records the
@@ -509,7 +563,12 @@ func (s *Snapshotter) mounts(device string, r role) []mount.Mount {
 // template returns the path of the empty ext4 image of the given size,
 // making it on first use.
 func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) {
-	p := s.templatePath(size)
+	return s.templateFile(ctx, "ext4-", size, makeTemplate)
+}
+
+// templateFile returns templates/<prefix><size>.img, made by mk on first use.
+func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int64, mk func(context.Context, string, int64) error) (string, error) {
+	p := s.templatePath(prefix, size)
 	s.tmplMu.Lock()
 	defer s.tmplMu.Unlock()
 	if _, err := os.Stat(p); err == nil {
@@ -517,7 +576,7 @@ func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) 
 	}
 	tmp := p + ".tmp"
 	os.Remove(tmp)
-	if err := makeTemplate(ctx, tmp, size); err != nil {
+	if err := mk(ctx, tmp, size); err != nil {
 		os.Remove(tmp)
 		return "", err
 	}
@@ -530,8 +589,8 @@ func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) 
 	return p, nil
 }
 
-func (s *Snapshotter) templatePath(size int64) string {
-	return filepath.Join(s.root, "templates", "ext4-"+strconv.FormatInt(size, 10)+".img")
+func (s *Snapshotter) templatePath(prefix string, size int64) string {
+	return filepath.Join(s.root, "templates", prefix+strconv.FormatInt(size, 10)+".img")
 }
 
 // Mounts returns the mounts of an active snapshot or view, re-attaching its
@@ -540,6 +599,9 @@ func (s *Snapshotter) templatePath(size int64) string {
 // lock meanwhile has made the image read-only and committed, and a
 // read-write device attached to it then would stay until Cleanup.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lmounts(ctx, key)
+	}
 	sn, err := s.getSnapshot(ctx, key)
 	if err != nil {
 		return nil, err
@@ -562,16 +624,6 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	return s.mounts(rec.Path, k.role), nil
 }
 
-// getSnapshot reads an active snapshot or view; a committed one is
-// errdefs.ErrFailedPrecondition, as from storage.GetSnapshot.
-func (s *Snapshotter) getSnapshot(ctx context.Context, key string) (sn storage.Snapshot, err error) {
-	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		sn, err = storage.GetSnapshot(ctx, key)
-		return err
-	})
-	return sn, err
-}
-
 // deviceFor names the device an active snapshot or view is mounted from.
 func deviceFor(sn storage.Snapshot) devKey {
 	switch {
@@ -592,27 +644,10 @@ func deviceFor(sn storage.Snapshot) devKey {
 // waits for nothing slow: a device still mounted elsewhere is reported at
 // once (see detachUnmounted).
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
-	var id, parentID string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		if info.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
-		}
-		if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
-			return fmt.Errorf("committed snapshot %v: %w", name, errdefs.ErrAlreadyExists)
-		}
-		if info.Parent != "" {
-			parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
-		}
-		return err
-	})
+	if s.layered() {
+		return s.lcommit(ctx, name, key, opts)
+	}
+	id, parentID, err := s.checkCommit(ctx, name, key)
 	if err != nil {
 		return err
 	}
@@ -707,9 +742,35 @@ func (s *Snapshotter) damagedReason(id, image string) (string, bool) {
 	return damagedReason(image)
 }
 
+// checkCommit verifies that key is active and name is free, and returns
+// the ids of the snapshot and of its parent.
+func (s *Snapshotter) checkCommit(ctx context.Context, name, key string) (id, parentID string, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var info snapshots.Info
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
+			return fmt.Errorf("committed snapshot %v: %w", name, errdefs.ErrAlreadyExists)
+		}
+		if info.Parent != "" {
+			parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
+		}
+		return err
+	})
+	return id, parentID, err
+}
+
 // Remove deletes the record, detaches the snapshot's devices and moves its
 // image to trash; Cleanup deletes the trash.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	if s.layered() {
+		return s.lremove(ctx, key)
+	}
 	var (
 		id, parentID string
 		kind         snapshots.Kind
