@@ -129,7 +129,8 @@ func TestSnapshotterDaemonLifecycle(t *testing.T) {
 }
 
 // TestSnapshotterMetrics: with metrics_address set, /metrics serves the
-// documented series and they move with the calls made.
+// documented series, the Go runtime and process collectors, and they move
+// with the calls made.
 func TestSnapshotterMetrics(t *testing.T) {
 	testutil.RequireRoot(t)
 	testutil.RequireBinaries(t, "go", "mkfs.ext4", "debugfs", "resize2fs", "e2fsck")
@@ -184,6 +185,11 @@ func TestSnapshotterMetrics(t *testing.T) {
 		`loop_snapshotter_clones_total{method=`,
 		`loop_snapshotter_lazy_detaches_total`,
 		`loop_snapshotter_orphans_detached_total`,
+		`loop_snapshotter_resizes_total{direction="shrink"} 0`,
+		`loop_snapshotter_data_loss_refusals_total 0`,
+		// client_golang's Go runtime and process collectors.
+		`go_goroutines `,
+		`process_resident_memory_bytes `,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %s:\n%s", want, body)

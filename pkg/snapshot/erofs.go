@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/ext4"
 )
 
 // Layer backings: how an erofs layer image is mounted.
@@ -182,21 +184,17 @@ func (s *Snapshotter) buildFrozen(ctx context.Context, up upperPaths, dst string
 var ErrUpperErrors = errors.New("upper filesystem has recorded errors")
 
 // upperErrors refuses an ext4 image whose superblock records errors
-// (s_state's error bit, s_error_count).
+// (s_state's error bit, s_error_count), as flat mode's Commit does
+// (checkFilesystem): the kernel sets them when a write of the filesystem
+// failed. The upper is mounted, so this is the check that applies; the
+// image is kept for inspection.
 func upperErrors(image string) error {
-	f, err := os.Open(image)
+	sb, err := ext4.ReadFile(image)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	buf := make([]byte, 1024)
-	if _, err := f.ReadAt(buf, sbOffset); err != nil {
-		return fmt.Errorf("read superblock of %s: %w", image, err)
-	}
-	le := binary.LittleEndian
-	const ext4ErrorFS = 0x2
-	if le.Uint16(buf[0x3a:])&ext4ErrorFS != 0 || le.Uint32(buf[0x194:]) != 0 {
-		return fmt.Errorf("%s (kept for inspection): %w: %w", image, ErrUpperErrors, errdefs.ErrFailedPrecondition)
+	if sb.HasErrors() {
+		return fmt.Errorf("%s (kept for inspection): %w: %w", image, ErrUpperErrors, errdefs.ErrDataLoss)
 	}
 	return nil
 }

@@ -346,7 +346,7 @@ func (s *Snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usag
 			Inodes: int64(st.Files - st.Ffree),
 		}, nil
 	}
-	return imageUsage(up.image, "")
+	return imageUsage(up.image, "", "")
 }
 
 // lstatus is Status in layered mode.
@@ -370,6 +370,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		}
 	}
 	st := s.statusHead()
+	st.devices = len(own)
 	for _, e := range entries {
 		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		k := devKey{e.id, roleLayer}
