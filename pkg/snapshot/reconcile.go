@@ -257,7 +257,7 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 		// device gone when Purge returns (or ctx ends).
 		err := loopdev.DetachRecord(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
+			errs = append(errs, err) // loopdev names the device
 		}
 	}
 	return errors.Join(errs...)
