@@ -15,9 +15,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// configureBroken remembers, process-wide, that LOOP_CONFIGURE is missing or
-// misapplied its arguments (5.8 ignored PARTSCAN and the size limit). Set
-// once, never reset; the package's only mutable global.
+// configureBroken remembers, process-wide, that LOOP_CONFIGURE (kernel
+// commit 3448914e8cc5, 5.8) is missing or misapplied its arguments (5.8
+// ignored PARTSCAN and the size limit). Set once, never reset; the package's
+// only mutable global besides the control lock's queue.
 var configureBroken atomic.Bool
 
 // Attach opens backingPath and attaches it to a free loop device.
@@ -29,14 +30,14 @@ func Attach(ctx context.Context, backingPath string, opts Options) (*Device, err
 	f, err := openBackingPath(backingPath, opts.Access, dio)
 	if err != nil {
 		if errors.Is(err, unix.EISDIR) {
-			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("backing is a directory"))
+			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("a directory"))
 		}
 		if errors.Is(err, unix.ENXIO) {
 			// open(2) on a FIFO with O_NONBLOCK|O_RDWR succeeds, but O_RDONLY/O_WRONLY
 			// on a socket or FIFO without reader gives ENXIO: a bad argument here.
 			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("not a regular file or block device"))
 		}
-		return nil, fmt.Errorf("attach %s: %w", backingPath, err)
+		return nil, opError("attach", backingPath, err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }
@@ -71,7 +72,7 @@ func AttachFile(ctx context.Context, backing *os.File, opts Options) (*Device, e
 		f, err = reopenNamed(backing, openBase|acc, name)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
+		return nil, opError("attach", backing.Name(), err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }
@@ -106,7 +107,8 @@ func attachBacking(ctx context.Context, f *os.File, opts Options, dio bool) (*De
 	return d, nil
 }
 
-// allocate runs the allocation loop (spec 3.4) and the post-loop steps.
+// allocate runs the allocation loop (get-free, attempt, randomized backoff,
+// as systemd's loop_device_make_internal) and the post-loop steps.
 func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device, error) {
 	var uev *ueventSocket
 	if opts.WaitPartitions {
@@ -183,7 +185,8 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 	}
 }
 
-// attempt is one pass on loop<nr> (spec 3.5). On success the device is
+// attempt is one pass on loop<nr>: node, open, lock, bound check, stale
+// partitions, configure, verify. On success the device is
 // bound, owned, and locked exclusively on d.lock.
 func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (_ *Device, retErr error) {
 	if err := opts.fault(stepGetFree, nr); err != nil {
@@ -255,7 +258,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	return d, nil
 }
 
-// buildConfig fills loop_config (spec 3.3 step 7).
+// buildConfig fills struct loop_config for LOOP_CONFIGURE.
 func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 	var cfg unix.LoopConfig
 	cfg.Fd = uint32(b.file.Fd())
@@ -270,7 +273,7 @@ func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 		cfg.Info.Sizelimit = lim
 	}
 	// AUTOCLEAR always: a crash before the caller decides never leaks a device.
-	// PARTSCAN is deferred (section 5.5) to avoid double scans.
+	// PARTSCAN is set after the attach (enablePartscan) to avoid double scans.
 	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
 	if opts.KeepFromStart {
 		cfg.Info.Flags = 0 // the caller accepted the crash window (owner tag set)
@@ -388,7 +391,9 @@ func setStatusRetry(ctx context.Context, fd int, info *unix.LoopInfo64) error {
 
 var errConfigureBroken = errors.New("LOOP_CONFIGURE result does not match the request")
 
-// verifyConfigured checks what the kernel applied (spec 4.1).
+// verifyConfigured checks what the kernel applied: 5.8's LOOP_CONFIGURE
+// ignored the size limit and PARTSCAN, and from 6.14 the DIO flag reports
+// whether direct I/O is really in effect.
 func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
 	fd := int(d.file.Fd())
 	ss, err := unix.IoctlGetUint32(fd, unix.BLKSSZGET)
@@ -441,7 +446,8 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 	return avail
 }
 
-// finish runs the post-loop steps with the control lock still held (spec 3.7).
+// finish runs the post-loop steps with the control lock still held, so no
+// cooperating allocator sees the device between bind and hand-over.
 func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	fd := int(d.file.Fd())
 	if b.isBlock {
@@ -536,7 +542,8 @@ func ensureNode(node string, nr int) (Devnum, error) {
 	return devnumOfNode(node)
 }
 
-// openVerified opens a block node safely (spec 7.1): O_PATH|O_NOFOLLOW, check
+// openVerified opens a block node safely (a node in /dev can be replaced,
+// and a number reused, between lookup and open): O_PATH|O_NOFOLLOW, check
 // it is the block device with the expected devnum, then reopen with the
 // wanted flags and require the diskseq to be the one seen (0: read from
 // sysfs first when checkSysfs). Any mismatch is ENXIO ("absent").
@@ -586,7 +593,8 @@ func getDiskseq(fd uintptr) (uint64, error) {
 }
 
 // readFences records the uevent seqnum and CLOCK_MONOTONIC just before the
-// attach ioctl (spec 7.2).
+// attach ioctl: on kernels without diskseq they tell this attachment's
+// uevents and udev entries from an earlier one's.
 func readFences() Fences {
 	f := Fences{SeqnumNotBefore: math.MaxUint64}
 	if s, err := readAttrUint("/sys/kernel/uevent_seqnum"); err == nil {
@@ -600,7 +608,7 @@ func readFences() Fences {
 }
 
 // shortcut returns a wrapper around a block-device backing instead of a new
-// loop device when nothing would change (spec 3.3): offset 0, whole size,
+// loop device when nothing would change (as systemd does): offset 0, whole size,
 // same sector size, and partscan either unneeded or already effective.
 func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, error) {
 	if opts.Offset != 0 || opts.Size != 0 || opts.SectorSize != b.blockSize {

@@ -1,6 +1,6 @@
 package loopdev
 
-// Listing, sweeping and detach-and-wait (spec 9.1, 11.2, 11.8).
+// Listing, sweeping and detach-and-wait.
 
 import (
 	"context"

@@ -12,7 +12,8 @@ import (
 )
 
 // Poll interval for LOCK_NB polling: start small, double, cap. systemd blocks
-// forever in flock; a stuck holder would wedge every allocation (R21).
+// forever in flock; a stuck holder would wedge every allocation, so every
+// wait here ends with the caller's context.
 // The cap is low because udev workers take LOCK_SH on a whole disk back to
 // back: a waiter for LOCK_EX that sleeps 50 ms misses the short gaps and
 // starves (seen with 8 workers under a 32-goroutine stress run).

@@ -15,9 +15,9 @@ import (
 
 // Partition is one partition of a loop device, as sysfs shows it.
 type Partition struct {
-	Nr     int
-	Path   string
-	Devnum Devnum
+	Nr     int    // partition number, N of /dev/loopXpN
+	Path   string // /dev/loopXpN
+	Devnum Devnum // major:minor of the partition
 	Start  uint64 // bytes
 	Size   uint64 // bytes
 }
@@ -129,7 +129,8 @@ func btrfsForget(node string) {
 }
 
 // effectivePartscan decides whether the kernel scans partitions of a disk
-// (spec 5.5); these files changed meaning in 5.17, 5.19, 6.3 and 6.10.
+// (max_part, GENHD_FL_NO_PART, the partscan attribute); these files
+// changed meaning in 5.17, 5.19, 6.3 and 6.10.
 func effectivePartscan(disk Devnum) bool {
 	dir := disk.SysfsDir()
 	if v, err := readAttr(dir + "/partscan"); err == nil { // 6.10+, 6.6 backports
@@ -152,7 +153,7 @@ func effectivePartscan(disk Devnum) bool {
 	return true
 }
 
-// enablePartscan turns partscan on after the attach (spec 5.5). LOOP_CONFIGURE
+// enablePartscan turns partscan on after the attach. LOOP_CONFIGURE
 // with PARTSCAN emits a change uevent before rereading partitions; a udev
 // open in that window scans twice and partitions flap. A read-only open and
 // close drains the pending scan state first (no IN_CLOSE_WRITE for udev).
@@ -215,7 +216,7 @@ func (d *Device) addPartitionLocked(nr int, start, length uint64) error {
 	return nil
 }
 
-// OpenPartition opens partition nr with the identity checks of spec 7.1: the
+// OpenPartition opens partition nr with the identity checks of openVerified: the
 // node must be a block device whose sysfs parent is our disk, and the
 // diskseq (shared with the disk) must be ours. flags are added to
 // O_CLOEXEC|O_NONBLOCK|O_NOCTTY (e.g. unix.O_RDONLY).

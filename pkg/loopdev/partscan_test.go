@@ -136,7 +136,7 @@ var fivePartitions = []gptPart{
 	{Type: gptTypeHome, Name: "home", Start: 264192, Len: 65536},
 }
 
-// addPartitions creates the table's partitions synchronously (spec 7.4);
+// addPartitions creates the table's partitions synchronously;
 // the kernel's own scan, when it has a GPT parser, makes this a no-op (EBUSY).
 func addPartitions(d *Device, parts []gptPart) error {
 	for i, p := range parts {

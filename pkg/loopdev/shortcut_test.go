@@ -1,6 +1,6 @@
 package loopdev
 
-// R12: the block-device shortcut, with the cases of spec 10.2.
+// R12: the block-device shortcut: when it applies and when not.
 
 import (
 	"os"

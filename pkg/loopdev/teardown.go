@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"time"
 
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -210,7 +210,8 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 	}
 }
 
-// Close releases the handle without detaching (spec 8.2): fsync, close every
+// Close releases the handle without detaching: flush (fsync unless nothing
+// was written), close every
 // fd. With AUTOCLEAR set and no other opener the kernel unbinds now; with a
 // mount it unbinds at unmount; a kept device stays bound.
 func (d *Device) Close() error {
@@ -225,8 +226,11 @@ func (d *Device) Close() error {
 func (d *Device) closeLocked() error {
 	d.closed = true
 	var errs []error
-	if err := d.file.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		errs = append(errs, fmt.Errorf("fsync %s: %w", d.path, err))
+	// flush skips the fsync (a disk cache flush of the backing, most of an
+	// unwritten device's close) when the I/O counters show no write since
+	// the attach.
+	if err := d.flush(); err != nil && !errors.Is(err, unix.EINVAL) {
+		errs = append(errs, err)
 	}
 	if d.lock != nil {
 		d.lock.Close()
@@ -260,11 +264,10 @@ func holders(devnum Devnum) []string {
 			out = append(out, e.Name())
 		}
 	}
-	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 4 && f[2] == devnum.String() {
-				out = append(out, "mount "+f[4])
+	if ms, err := mountinfo.Self(); err == nil {
+		for _, m := range ms {
+			if m.Devnum == devnum.String() {
+				out = append(out, "mount "+m.MountPoint)
 			}
 		}
 	}

@@ -285,7 +285,7 @@ func TestR16_Ownership(t *testing.T) {
 		}
 		if changed, _ := o.SetAutoclear(false); changed || sysAttr(d.Nr(), "loop/autoclear") != "1" {
 			_, _ = d.SetAutoclear(true)
-			t.Errorf("SetAutoclear on a not-owned opened handle changed the device (spec 9.3: no-op on foreign handles)")
+			t.Errorf("SetAutoclear on a not-owned opened handle changed the device (a no-op on handles not owned)")
 		}
 	})
 }

@@ -160,7 +160,7 @@ func (d *Device) judgeUevent(ev *uevent.Event) (ours bool, err error) {
 		}
 		return seq == d.diskseq, nil
 	}
-	// Kernels without diskseq: the uevent seqnum fence (spec 7.2).
+	// Kernels without diskseq: the uevent seqnum fence read before the attach.
 	seq, err := strconv.ParseUint(ev.Env["SEQNUM"], 10, 64)
 	return err == nil && seq > d.fences.SeqnumNotBefore, nil
 }

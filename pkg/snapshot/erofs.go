@@ -101,21 +101,25 @@ func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 // ensureUpper attaches the snapshot's ext4 image read-write and mounts it
 // on u/<id>/m unless it already is. The caller holds the upper's lock.
 func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths) error {
-	if mounted, err := mountinfo.Mounted(up.mnt); err != nil {
-		return err
-	} else if mounted {
-		return nil
-	}
-	k := devKey{id, roleUpper}
-	rec, err := s.devs.ensureLocked(ctx, k, up.image)
+	mounted, err := mountinfo.Mounted(up.mnt)
 	if err != nil {
 		return err
 	}
-	m := mount.Mount{Type: "ext4", Source: rec.Path, Options: append([]string{"rw"}, s.cfg.MountOptions...)}
-	if err := m.Mount(up.mnt); err != nil {
-		return errors.Join(fmt.Errorf("mount upper %s on %s: %w", rec.Path, up.mnt, err), s.devs.detachImage(ctx, up.image, k))
+	if !mounted {
+		k := devKey{id, roleUpper}
+		rec, err := s.devs.ensureLocked(ctx, k, up.image)
+		if err != nil {
+			return err
+		}
+		m := mount.Mount{Type: "ext4", Source: rec.Path, Options: append([]string{"rw"}, s.cfg.MountOptions...)}
+		if err := m.Mount(up.mnt); err != nil {
+			return errors.Join(fmt.Errorf("mount upper %s on %s: %w", rec.Path, up.mnt, err), s.devs.detachImage(ctx, up.image, k))
+		}
+		log.G(ctx).WithFields(log.Fields{"id": id, "device": rec.Path, "diskseq": rec.DiskSeq}).Debug("mounted upper")
+		s.fault("prepare-upper-mounted")
 	}
-	s.fault("prepare-upper-mounted")
+	// Also when already mounted: a crash may have come between the mount
+	// and these.
 	for _, d := range []string{up.upper, up.work} {
 		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return err
@@ -123,11 +127,7 @@ func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths)
 	}
 	// The upper is the container's root directory where there is no
 	// parent: 0755 whatever the umask.
-	if err := os.Chmod(up.upper, 0o755); err != nil {
-		return err
-	}
-	log.G(ctx).WithFields(log.Fields{"id": id, "device": rec.Path, "diskseq": rec.DiskSeq}).Debug("mounted upper")
-	return nil
+	return os.Chmod(up.upper, 0o755)
 }
 
 // buildFrozen builds the layer from an upper on its ext4 image while that

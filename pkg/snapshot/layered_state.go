@@ -186,7 +186,14 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 		}
 	}
 	for _, c := range cands {
-		unlock := s.devs.lock(c.k)
+		// A layer image is written by its snapshot's Commit, which holds
+		// the upper's lock: take it first (the order Mounts takes them in).
+		unlockUpper := func() {}
+		if c.k.role == roleLayer {
+			unlockUpper = s.devs.lock(devKey{c.k.id, roleUpper})
+		}
+		unlockKey := s.devs.lock(c.k)
+		unlock := func() { unlockKey(); unlockUpper() }
 		recs, err := s.lrecords(ctx)
 		if err != nil {
 			unlock()
@@ -202,9 +209,9 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 			}
 		case c.k.role == roleUpper:
 			s.releaseUpperLocked(ctx, c.k.id, "")
-		case c.k.role == roleLayer && recs.key[c.k.id] == "":
-			// An image whose record is still active is a Commit that
-			// crashed before recording; its retry replaces the image.
+		case c.k.role == roleLayer:
+			// No record, or a still active one: a Commit that crashed
+			// before recording (its retry builds the image again).
 			unmountPath(s.layerDir(c.k.id))
 			os.Remove(s.layerDir(c.k.id))
 			if err := s.devs.detachImage(ctx, s.layerImage(c.k.id), c.k); err != nil {
