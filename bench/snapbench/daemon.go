@@ -39,7 +39,7 @@ func startDaemons(snapBin, dir, run string, defaultSize int64) (*daemons, error)
 		}
 	}
 	cfg := filepath.Join(dir, "etc", "loop-snapshotter.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("default_size = %d\n", defaultSize)), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("mode = \"flat\"\ndefault_size = %d\n", defaultSize)), 0o600); err != nil {
 		return nil, err
 	}
 	var err error

@@ -39,6 +39,7 @@ func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, er
 	case "loop":
 		cfg := config.DefaultSnapshotter()
 		cfg.Root = root
+		cfg.Mode = config.ModeFlat // the mode these tables measure
 		cfg.DefaultSize = config.ByteSize(size)
 		s, err := snapshot.New(ctx, cfg)
 		if err != nil {
@@ -171,6 +172,7 @@ func layers128(ctx context.Context, sn snapshots.Snapshotter, work string) (time
 func purgeLoop(ctx context.Context, root string) {
 	cfg := config.DefaultSnapshotter()
 	cfg.Root = root
+	cfg.Mode = config.ModeFlat
 	s, err := snapshot.New(ctx, cfg)
 	if err != nil {
 		logf("purge %s: %v", root, err)
