@@ -46,7 +46,9 @@ build:
 # packages' mounts and pins their devices); the loopdev suite on the legacy
 # (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
 # detector; the scaled stress run (32 goroutines x 20 iterations plus 4
-# processes) without and then with systemd-udevd probing every device.
+# processes); then the whole loopdev suite again with systemd-udevd probing
+# every device (stress scaled), and while another process loops losetup on
+# its own files.
 # Stops at the first failing step; the last lines are go test's own.
 test: require-root
 	$(GO) vet -tags integration ./...
@@ -56,7 +58,8 @@ test: require-root
 	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m ./...
 	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' .
 	$(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
-	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
+	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
+	scripts/with-losetup-churn.sh $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
 
 test-unit:
 	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...

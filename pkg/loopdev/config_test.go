@@ -223,7 +223,7 @@ func TestR09_FlagsAndAccessModes(t *testing.T) {
 		if !d.ReadOnly() || sysAttr(d.Nr(), "ro") != "1" {
 			t.Errorf("Auto on a read-only mount: ReadOnly()=%v ro=%q", d.ReadOnly(), sysAttr(d.Nr(), "ro"))
 		}
-		if err := d.Detach(bg); err != nil {
+		if err := detachWait(d); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -359,7 +359,7 @@ func TestR13_DirectIO(t *testing.T) {
 		if err != nil || len(full) != 8<<20 || !bytes.Equal(full[:4096], pat) {
 			t.Errorf("full read of the buffered device: %d bytes, %v", len(full), err)
 		}
-		if err := d.Detach(bg); err != nil {
+		if err := detachWait(d); err != nil {
 			t.Fatal(err)
 		}
 		if err := unix.Unmount(mnt, 0); err != nil {
