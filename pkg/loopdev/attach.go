@@ -21,6 +21,11 @@ import (
 // only mutable global besides the control lock's queue.
 var configureBroken atomic.Bool
 
+// diskseqWorks remembers that this kernel reports diskseq (5.15+), so the
+// uevent seqnum fence, which only matters without diskseq, is not read on
+// every attach (a sysfs open and read). Set once, never reset.
+var diskseqWorks atomic.Bool
+
 // Attach opens backingPath and attaches it to a free loop device.
 func Attach(ctx context.Context, backingPath string, opts Options) (*Device, error) {
 	if err := opts.validate(); err != nil {
@@ -197,13 +202,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	if err != nil {
 		return nil, err
 	}
-	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), true)
+	// No diskseq check here: the number just came from LOOP_CTL_GET_FREE
+	// and the bound check under the lock decides; the diskseq that matters
+	// is read after the configure.
+	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), false)
 	if err != nil {
 		return nil, err
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
-		remove: opts.RemoveDevice, log: loggerOr(opts.Logger)}
+		remove: opts.RemoveDevice, log: loggerOr(opts.Logger), unpartitioned: !opts.Partscan}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -229,12 +237,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	// An unbound device can still carry partitions (5.8, or a partition held
 	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
-	if n, err := deletePartitions(main, devnum); err != nil {
+	if n, err := deletePartitions(main, devnum, "loop"+strconv.Itoa(nr)); err != nil {
 		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	} else if n > 0 {
 		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
 	}
-	d.fences = readFences()
+	if opts.forceNoDiskseq || !diskseqWorks.Load() {
+		d.fences = readFences()
+	} else {
+		d.fences = Fences{SeqnumNotBefore: math.MaxUint64}
+	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {
 		return nil, err
 	}
@@ -251,6 +263,9 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 			return nil, fmt.Errorf("BLKGETDISKSEQ %s: %w", node, err)
 		}
 		d.diskseq = seq
+		if seq != 0 {
+			diskseqWorks.Store(true)
+		}
 	}
 	if d.size, err = unix.IoctlGetUint64(int(main.Fd()), unix.BLKGETSIZE64); err != nil {
 		return nil, fmt.Errorf("BLKGETSIZE64 %s: %w", node, err)
@@ -420,6 +435,7 @@ func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
 	if err != nil {
 		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
 	}
+	d.status = info
 	d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	if dio && !d.dio {
 		// From 6.14 the flag reports the effective state; restart buffered.
@@ -462,9 +478,15 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		return err
 	}
 	d.backing = BackingID{Dev: devOfStat(&b.st), Ino: b.st.Ino}
-	info, err := unix.IoctlLoopGetStatus64(fd)
-	if err != nil {
-		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	// The verification's status still holds for what is checked here
+	// (backing, offset, autoclear, read-only: partscan changes none of them).
+	info := d.status
+	d.status = nil
+	if info == nil {
+		var err error
+		if info, err = unix.IoctlLoopGetStatus64(fd); err != nil {
+			return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+		}
 	}
 	// Identity check (beyond systemd): the kernel must have bound our inode.
 	if info.Device != d.backing.Dev || info.Inode != d.backing.Ino || info.Offset != opts.Offset {
@@ -565,7 +587,9 @@ func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysf
 			diskseq = s
 		}
 	}
-	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), openBase|acc, 0)
+	// Without O_NONBLOCK (it means nothing to a block device here): os.NewFile
+	// would register a non-blocking fd with the poller, a failing epoll_ctl.
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), unix.O_CLOEXEC|unix.O_NOCTTY|acc, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "reopen", Path: node, Err: err}
 	}

@@ -122,8 +122,10 @@ func (d *Device) teardownLocked(ctx context.Context) error {
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
 		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
-	if _, err := deletePartitions(f, d.devnum); err != nil && !errors.Is(err, unix.ENODEV) {
-		errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+	if d.mayHavePartitions() {
+		if _, err := deletePartitions(f, d.devnum, d.kernelName()); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+		}
 	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && err != unix.ENXIO {
 		errs = append(errs, fmt.Errorf("LOOP_CLR_FD: %w", err))
