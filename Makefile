@@ -30,7 +30,7 @@ LOOPDEV_STRESS_ENV ?= LOOPKIT_TEST_SCALE=1
 # enter it, so every target runs go in both (go -C pkg/loopdev).
 LOOPDEV_MOD := pkg/loopdev
 # Benchmark knobs: bench/loopbench flags.
-BENCH_FLAGS ?= -workers 1,8,32 -n 512
+BENCH_FLAGS ?= -workers 1,8,32 -n 512 -rounds 3
 BENCH_TIME  ?= 200x
 
 .PHONY: all build test test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
@@ -71,8 +71,14 @@ bench: bench-loop bench-hook bench-snapshotter
 
 # Loop attach+detach side by side (loopkit, containerd, losetup) without and
 # with systemd-udevd, then the in-package Go benchmarks.
-bench-loop: require-root
+# The systemd row drives Debian 12's libsystemd-shared-252.so (package
+# systemd) from a small C harness; the loopctl row runs bin/loopctl.
+SYSTEMD_SHARED ?= /usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so
+bench-loop: require-root build
 	@mkdir -p bin
+	@[ -e $(SYSTEMD_SHARED) ] || scripts/apt-install.sh systemd
+	@command -v cc >/dev/null || scripts/apt-install.sh gcc libc6-dev
+	cc -O2 -Wall -o bin/sdloop bench/loopbench/sdloop/sdloop.c $(SYSTEMD_SHARED) -Wl,-rpath,$(dir $(SYSTEMD_SHARED))
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loopbench ./bench/loopbench
 	bin/loopbench $(BENCH_FLAGS)
 	scripts/with-udevd.sh bin/loopbench $(BENCH_FLAGS)

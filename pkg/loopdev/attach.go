@@ -139,8 +139,12 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		d, err := attempt(ctx, nr, b, opts, dio)
 		if err == nil {
 			d.uevents = uev
-			err = finish(ctx, d, b, opts)
+			// The device is bound and locked (LOCK_EX on d.lock): no
+			// cooperating allocator can be handed it now, so the control
+			// lock, which every attach on the host waits for, is released
+			// before the post-attach steps rather than after.
 			ctl.Close()
+			err = finish(ctx, d, b, opts)
 			if err != nil {
 				// The device is ours now: the full teardown, after the
 				// control lock is released (it waits for the device lock).
@@ -179,13 +183,9 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		if opts.onBackoff != nil {
 			opts.onBackoff(n+1, sleep)
 		}
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if err := sleepCtx(ctx, sleep); err != nil {
 			uev.Close()
-			return nil, fmt.Errorf("backoff after %v: %w", lastErr, ctx.Err())
-		case <-t.C:
+			return nil, fmt.Errorf("backoff after %v: %w", lastErr, err)
 		}
 	}
 }
@@ -393,13 +393,9 @@ func setStatusRetry(ctx context.Context, fd int, info *unix.LoopInfo64) error {
 		if err != unix.EAGAIN || n >= maxAttempts {
 			return err
 		}
-		sleep := 10*time.Millisecond + rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		// systemd's formula for this retry: 10 ms + uniform[0, 240 ms * n/64).
+		if err := sleepCtx(ctx, 10*time.Millisecond+rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)); err != nil {
+			return err
 		}
 	}
 }
@@ -462,8 +458,8 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 	return avail
 }
 
-// finish runs the post-loop steps with the control lock still held, so no
-// cooperating allocator sees the device between bind and hand-over.
+// finish runs the post-attach steps: the device is bound, verified and
+// locked exclusively, so no cooperating allocator gets it meanwhile.
 func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	fd := int(d.file.Fd())
 	if b.isBlock {
@@ -517,8 +513,8 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		d.lock.Close()
 		d.lock = nil
 	case LockShared:
-		// Downgrading with flock is not atomic, but we hold the control lock,
-		// so no cooperating allocator can take the device in between.
+		// Downgrading with flock is not atomic, but the device is bound: a
+		// cooperating allocator never takes a bound device.
 		if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
 			return fmt.Errorf("downgrade lock on %s: %w", d.path, err)
 		}

@@ -199,12 +199,8 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 		if i >= 39 {
 			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ErrRemoveBusy)
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ctx.Err())
-		case <-t.C:
+		if err := sleepCtx(ctx, delay); err != nil {
+			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, err)
 		}
 		if i%5 == 0 {
 			delay *= 2
@@ -249,10 +245,8 @@ func (d *Device) closeLocked() error {
 // until d's attachment is unbound, after a deferred detach.
 func (d *Device) awaitUnbind(ctx context.Context) error {
 	for d.stillBound() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
-		case <-time.After(5 * time.Millisecond):
+		if err := sleepCtx(ctx, 5*time.Millisecond); err != nil {
+			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, err))
 		}
 	}
 	return nil
