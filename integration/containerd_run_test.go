@@ -27,7 +27,7 @@ const ctdImageRef = "loopkit.test/snap-busybox:v1"
 func TestContainerdLoopSnapshotter(t *testing.T) {
 	// Layers unpack at default_size; labels grow or shrink the container's
 	// copy (spec §10.4, §14 D1).
-	e := ctdStart(t, "default_size = \"128MiB\"\n")
+	e := ctdStart(t, "mode = \"flat\"\ndefault_size = \"128MiB\"\n")
 	e.importImage(ctdImageRef)
 
 	// The image's layers were unpacked through Prepare/mount/Commit.

@@ -23,7 +23,7 @@ func TestContainerdManyContainers(t *testing.T) {
 			t.Fatalf("LOOPKIT_SNAP_CONTAINERS=%q", v)
 		}
 	}
-	e := ctdStart(t, "default_size = \"128MiB\"\n")
+	e := ctdStart(t, "mode = \"flat\"\ndefault_size = \"128MiB\"\n")
 	e.importImage(ctdImageRef)
 
 	ids := make([]string, n)

@@ -50,6 +50,13 @@ const criContribConfig = "contrib/containerd/config-v2-containerd-1.6.toml"
 // TOML document) before it is written.
 func criStartNode(t *testing.T, dir, sandboxImage string, tweak func(cfg map[string]any)) *criNode {
 	t.Helper()
+	return criStartNodeMode(t, dir, sandboxImage, "flat", tweak)
+}
+
+// criStartNodeMode is criStartNode with loop-snapshotter in the given
+// storage mode.
+func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(cfg map[string]any)) *criNode {
+	t.Helper()
 	repo := criRepoRoot(t)
 	n := &criNode{
 		t:            t,
@@ -85,7 +92,7 @@ func criStartNode(t *testing.T, dir, sandboxImage string, tweak func(cfg map[str
 	n.snapBin = snapBin
 	n.snapCfg = filepath.Join(dir, "etc", "loop-snapshotter.toml")
 	// 256 MiB keeps every mkfs and clone small; images are sparse anyway.
-	if err := os.WriteFile(n.snapCfg, []byte("default_size = \"256MiB\"\n"), 0o644); err != nil {
+	if err := os.WriteFile(n.snapCfg, []byte("mode = \""+mode+"\"\ndefault_size = \"256MiB\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	n.notify = criNotifySocket(t, filepath.Join(dir, "run", "notify.sock"))

@@ -18,19 +18,17 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path"
 	"path/filepath"
 	"syscall"
 	"time"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
 	toml "github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
+	"github.com/loopkit/loopkit/internal/snapservice"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -48,7 +46,7 @@ const crashEnv = "LOOP_SNAPSHOTTER_TEST_CRASH_AT"
 func main() {
 	if err := run(os.Args[1:], os.Stdout); err != nil {
 		fmt.Fprintf(os.Stderr, "loop-snapshotter: %v\n", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
 }
 
@@ -61,6 +59,7 @@ type options struct {
 func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options, *flag.FlagSet, error) {
 	o := &options{}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are returned, help is printed by the caller
 	fs.StringVar(&o.root, "root", "", "state directory (default "+config.DefaultSnapshotterRoot+")")
 	fs.StringVar(&o.address, "address", "", "unix socket to serve on (default "+config.DefaultSnapshotterAddress+")")
 	fs.StringVar(&o.configPath, "config", config.DefaultSnapshotterConfig, "configuration file (optional at the default path)")
@@ -69,7 +68,10 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 		extra(fs)
 	}
 	if err := fs.Parse(args); err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fs, usageErr(fmt.Errorf("unexpected argument %q", fs.Arg(0)))
 	}
 	fs.Visit(func(f *flag.Flag) {
 		if f.Name == "config" {
@@ -78,7 +80,7 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 	})
 	cfg, _, err := config.LoadSnapshotter(o.configPath, o.configSet)
 	if err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
 	}
 	// Precedence: flag > config file > built-in default.
 	if o.root != "" {
@@ -91,7 +93,7 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 		cfg.LogLevel = o.logLevel
 	}
 	if err := cfg.Validate(); err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
 	}
 	o.cfg = cfg
 	return o, fs, nil
@@ -108,7 +110,6 @@ func run(args []string, stdout io.Writer) error {
 	var flags *flag.FlagSet
 	o, _, err := parseFlags("loop-snapshotter", args, func(fs *flag.FlagSet) {
 		fs.BoolVar(&showVersion, "version", false, "print version and commit")
-		fs.Usage = func() {}
 		flags = fs
 	})
 	if errors.Is(err, flag.ErrHelp) {
@@ -167,21 +168,9 @@ func serve(o *options) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return resp, err
-		}),
-		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			start := time.Now()
-			err := h(srv, ss)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return err
-		}),
-	)
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	svc := snapservice.New(sn)
+	srv := grpc.NewServer(svc.ServerOptions()...)
+	svc.Register(srv)
 	registerStatus(srv, sn)
 
 	errc := make(chan error, 2)
@@ -193,12 +182,7 @@ func serve(o *options) error {
 			return fmt.Errorf("metrics listener: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			if err := sn.WriteMetrics(r.Context(), w); err != nil {
-				log.G(ctx).WithError(err).Warn("write metrics")
-			}
-		})
+		mux.Handle("/metrics", svc.MetricsHandler())
 		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() { errc <- hs.Serve(ml) }()
 		defer hs.Close()
@@ -276,7 +260,11 @@ func sdNotify(state string) error {
 // runConfigDump prints the effective configuration (file + flags over the
 // built-in defaults) as TOML.
 func runConfigDump(args []string, stdout io.Writer) error {
-	o, _, err := parseFlags("config", args, nil)
+	o, fs, err := parseFlags("config", args, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		printCommandUsage(stdout, fs, configUsage)
+		return nil
+	}
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/status"
 
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -56,9 +58,13 @@ func registerStatus(s *grpc.Server, sn statusServer) { s.RegisterService(&status
 
 func runStatus(args []string, stdout io.Writer) error {
 	var asJSON bool
-	o, _, err := parseFlags("status", args, func(fs *flag.FlagSet) {
+	o, fs, err := parseFlags("status", args, func(fs *flag.FlagSet) {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
 	})
+	if errors.Is(err, flag.ErrHelp) {
+		printCommandUsage(stdout, fs, statusUsage)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -71,7 +77,7 @@ func runStatus(args []string, stdout io.Writer) error {
 	defer cancel()
 	var st snapshot.Status
 	if err := conn.Invoke(ctx, statusMethod, &struct{}{}, &st, grpc.CallContentSubtype("json")); err != nil {
-		return fmt.Errorf("query %s: %w", o.cfg.Address, err)
+		return fmt.Errorf("query %s: %s", o.cfg.Address, status.Convert(err).Message())
 	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)

@@ -149,3 +149,20 @@ func unescape(s string) string {
 	}
 	return b.String()
 }
+
+// BoundTo lists the loop devices (loopN) whose backing file, as sysfs shows
+// it, is path. Read from sysfs only: no device is opened.
+func BoundTo(path string) []string {
+	var out []string
+	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, e := range entries {
+		b, err := os.ReadFile(e)
+		if err != nil {
+			continue
+		}
+		if strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)") == path {
+			out = append(out, filepath.Base(filepath.Dir(filepath.Dir(e))))
+		}
+	}
+	return out
+}
