@@ -4,7 +4,6 @@
 package testutil
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +11,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // RequireRoot skips unless the test runs as root on a host with loop devices.
@@ -94,29 +95,15 @@ func Snapshot(dirs ...string) map[string]bool {
 			devs["/dev/"+filepath.Base(p)] = true
 		}
 	}
-	f, err := os.Open("/proc/self/mountinfo")
+	// moby/sys/mountinfo undoes the octal escapes (\040 for a space).
+	mounts, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !under(m.Mountpoint, dirs) && !devs[m.Source], false
+	})
 	if err != nil {
 		return out
 	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64*1024), 1024*1024)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) < 10 {
-			continue
-		}
-		mp := unescape(fields[4])
-		src := ""
-		for i, fld := range fields {
-			if fld == "-" && i+2 < len(fields) {
-				src = unescape(fields[i+2])
-				break
-			}
-		}
-		if under(mp, dirs) || devs[src] {
-			out[fmt.Sprintf("mount %s on %s", src, mp)] = true
-		}
+	for _, m := range mounts {
+		out[fmt.Sprintf("mount %s on %s", m.Source, m.Mountpoint)] = true
 	}
 	return out
 }
@@ -128,26 +115,6 @@ func under(p string, dirs []string) bool {
 		}
 	}
 	return false
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for space and friends).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v int
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%o", &v); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // BoundTo lists the loop devices (loopN) whose backing file, as sysfs shows

@@ -129,7 +129,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 	}
 	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
-		return loopdev.Record{}, fmt.Errorf("find devices of %s: %w", image, err)
+		return loopdev.Record{}, err // names the image
 	}
 	for _, info := range infos {
 		if info.Offset != 0 || info.ReadOnly != (k.role.readOnly()) {
@@ -229,7 +229,7 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 	}
 	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
-		return fmt.Errorf("find devices of %s: %w", image, err)
+		return err // names the image
 	}
 	var errs []error
 	for _, info := range infos {
@@ -288,7 +288,7 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 	}
 	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
-		return fmt.Errorf("find devices of %s: %w", image, err)
+		return err // names the image
 	}
 	for _, info := range infos {
 		err := detachUnmounted(ctx, info.Record())

@@ -394,7 +394,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	for _, d := range own {
-		if d.key.id != "" && recs.needed(d.key) {
+		if (d.key.id != "" && recs.needed(d.key)) || d.detachPending() {
 			continue
 		}
 		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})

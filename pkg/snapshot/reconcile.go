@@ -22,6 +22,12 @@ type ownDevice struct {
 	gone  bool   // backing file deleted
 }
 
+// detachPending reports a device already cleared (ours never have
+// autoclear set otherwise: they are attached to outlive the process) that
+// unbinds at its last close: not an orphan, nothing left to detach. sysfs
+// lists it until then, an open would fail.
+func (d ownDevice) detachPending() bool { return d.info.Autoclear }
+
 // ownDevices lists the loop devices backed by files under root. sysfs
 // backing_file is the path at attach time as renamed since; the device is
 // ours only if that path is under root. loopdev.List reads sysfs only:
@@ -160,7 +166,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	for _, d := range own {
-		if d.key.id != "" && needed[d.key] {
+		if (d.key.id != "" && needed[d.key]) || d.detachPending() {
 			continue
 		}
 		if err := s.detachOrphan(ctx, d); err != nil {
@@ -257,7 +263,7 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 		// device gone when Purge returns (or ctx ends).
 		err := loopdev.DetachRecord(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
+			errs = append(errs, err) // loopdev names the device
 		}
 	}
 	return errors.Join(errs...)

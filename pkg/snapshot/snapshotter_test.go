@@ -199,6 +199,10 @@ func TestSizeLabel(t *testing.T) {
 		}
 		um()
 	}
+	// resizes_total counts each direction apart (it counted shrinks as grows).
+	if g, sh := s.m.grows.Load(), s.m.shrinks.Load(); g != 1 || sh != 2 {
+		t.Errorf("resizes: %d grows, %d shrinks; want 1 and 2", g, sh)
+	}
 	if _, err := s.Prepare(ctx, "too-small", "big-c", label(strconv.Itoa(36<<20))); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "does not fit in 37748736 bytes") {
 		t.Errorf("shrinking below the content: %v, want InvalidArgument naming the size", err)
 	}
