@@ -30,7 +30,7 @@ LOOPDEV_STRESS_ENV ?= LOOPKIT_TEST_SCALE=1
 # enter it, so every target runs go in both (go -C pkg/loopdev).
 LOOPDEV_MOD := pkg/loopdev
 # Benchmark knobs: bench/loopbench flags.
-BENCH_FLAGS ?= -workers 1,8,32 -n 512
+BENCH_FLAGS ?= -workers 1,8,32 -n 512 -rounds 3
 BENCH_TIME  ?= 200x
 
 .PHONY: all build test test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
@@ -46,7 +46,9 @@ build:
 # packages' mounts and pins their devices); the loopdev suite on the legacy
 # (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
 # detector; the scaled stress run (32 goroutines x 20 iterations plus 4
-# processes) without and then with systemd-udevd probing every device.
+# processes); then the whole loopdev suite again with systemd-udevd probing
+# every device (stress scaled), and while another process loops losetup on
+# its own files.
 # Stops at the first failing step; the last lines are go test's own.
 test: require-root
 	$(GO) vet -tags integration ./...
@@ -56,7 +58,8 @@ test: require-root
 	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m ./...
 	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' .
 	$(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
-	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
+	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
+	scripts/with-losetup-churn.sh $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
 
 test-unit:
 	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...
@@ -68,8 +71,14 @@ bench: bench-loop bench-hook bench-snapshotter
 
 # Loop attach+detach side by side (loopkit, containerd, losetup) without and
 # with systemd-udevd, then the in-package Go benchmarks.
-bench-loop: require-root
+# The systemd row drives Debian 12's libsystemd-shared-252.so (package
+# systemd) from a small C harness; the loopctl row runs bin/loopctl.
+SYSTEMD_SHARED ?= /usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so
+bench-loop: require-root build
 	@mkdir -p bin
+	@[ -e $(SYSTEMD_SHARED) ] || scripts/apt-install.sh systemd
+	@command -v cc >/dev/null || scripts/apt-install.sh gcc libc6-dev
+	cc -O2 -Wall -o bin/sdloop bench/loopbench/sdloop/sdloop.c $(SYSTEMD_SHARED) -Wl,-rpath,$(dir $(SYSTEMD_SHARED))
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loopbench ./bench/loopbench
 	bin/loopbench $(BENCH_FLAGS)
 	scripts/with-udevd.sh bin/loopbench $(BENCH_FLAGS)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -36,10 +37,10 @@ type inproc struct {
 // (loop's default_size, blockfile's scratch file).
 func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, error) {
 	switch kind {
-	case "loop":
+	case "loop-flat", "loop-layered":
 		cfg := config.DefaultSnapshotter()
 		cfg.Root = root
-		cfg.Mode = config.ModeFlat // the mode these tables measure
+		cfg.Mode = strings.TrimPrefix(kind, "loop-")
 		cfg.DefaultSize = config.ByteSize(size)
 		s, err := snapshot.New(ctx, cfg)
 		if err != nil {
@@ -172,7 +173,6 @@ func layers128(ctx context.Context, sn snapshots.Snapshotter, work string) (time
 func purgeLoop(ctx context.Context, root string) {
 	cfg := config.DefaultSnapshotter()
 	cfg.Root = root
-	cfg.Mode = config.ModeFlat
 	s, err := snapshot.New(ctx, cfg)
 	if err != nil {
 		logf("purge %s: %v", root, err)

@@ -21,6 +21,11 @@ import (
 // only mutable global besides the control lock's queue.
 var configureBroken atomic.Bool
 
+// diskseqWorks remembers that this kernel reports diskseq (5.15+), so the
+// uevent seqnum fence, which only matters without diskseq, is not read on
+// every attach (a sysfs open and read). Set once, never reset.
+var diskseqWorks atomic.Bool
+
 // Attach opens backingPath and attaches it to a free loop device.
 func Attach(ctx context.Context, backingPath string, opts Options) (*Device, error) {
 	if err := opts.validate(); err != nil {
@@ -134,8 +139,12 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		d, err := attempt(ctx, nr, b, opts, dio)
 		if err == nil {
 			d.uevents = uev
-			err = finish(ctx, d, b, opts)
+			// The device is bound and locked (LOCK_EX on d.lock): no
+			// cooperating allocator can be handed it now, so the control
+			// lock, which every attach on the host waits for, is released
+			// before the post-attach steps rather than after.
 			ctl.Close()
+			err = finish(ctx, d, b, opts)
 			if err != nil {
 				// The device is ours now: the full teardown, after the
 				// control lock is released (it waits for the device lock).
@@ -174,13 +183,9 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		if opts.onBackoff != nil {
 			opts.onBackoff(n+1, sleep)
 		}
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if err := sleepCtx(ctx, sleep); err != nil {
 			uev.Close()
-			return nil, fmt.Errorf("backoff after %v: %w", lastErr, ctx.Err())
-		case <-t.C:
+			return nil, fmt.Errorf("backoff after %v: %w", lastErr, err)
 		}
 	}
 }
@@ -197,13 +202,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	if err != nil {
 		return nil, err
 	}
-	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), true)
+	// No diskseq check here: the number just came from LOOP_CTL_GET_FREE
+	// and the bound check under the lock decides; the diskseq that matters
+	// is read after the configure.
+	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), false)
 	if err != nil {
 		return nil, err
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
-		remove: opts.RemoveDevice, log: loggerOr(opts.Logger)}
+		remove: opts.RemoveDevice, log: loggerOr(opts.Logger), unpartitioned: !opts.Partscan}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -229,12 +237,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	// An unbound device can still carry partitions (5.8, or a partition held
 	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
-	if n, err := deletePartitions(main, devnum); err != nil {
+	if n, err := deletePartitions(main, devnum, "loop"+strconv.Itoa(nr)); err != nil {
 		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	} else if n > 0 {
 		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
 	}
-	d.fences = readFences()
+	if opts.forceNoDiskseq || !diskseqWorks.Load() {
+		d.fences = readFences()
+	} else {
+		d.fences = Fences{SeqnumNotBefore: math.MaxUint64}
+	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {
 		return nil, err
 	}
@@ -251,6 +263,9 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 			return nil, fmt.Errorf("BLKGETDISKSEQ %s: %w", node, err)
 		}
 		d.diskseq = seq
+		if seq != 0 {
+			diskseqWorks.Store(true)
+		}
 	}
 	if d.size, err = unix.IoctlGetUint64(int(main.Fd()), unix.BLKGETSIZE64); err != nil {
 		return nil, fmt.Errorf("BLKGETSIZE64 %s: %w", node, err)
@@ -378,13 +393,9 @@ func setStatusRetry(ctx context.Context, fd int, info *unix.LoopInfo64) error {
 		if err != unix.EAGAIN || n >= maxAttempts {
 			return err
 		}
-		sleep := 10*time.Millisecond + rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		// systemd's formula for this retry: 10 ms + uniform[0, 240 ms * n/64).
+		if err := sleepCtx(ctx, 10*time.Millisecond+rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)); err != nil {
+			return err
 		}
 	}
 }
@@ -420,6 +431,7 @@ func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
 	if err != nil {
 		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
 	}
+	d.status = info
 	d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	if dio && !d.dio {
 		// From 6.14 the flag reports the effective state; restart buffered.
@@ -446,8 +458,8 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 	return avail
 }
 
-// finish runs the post-loop steps with the control lock still held, so no
-// cooperating allocator sees the device between bind and hand-over.
+// finish runs the post-attach steps: the device is bound, verified and
+// locked exclusively, so no cooperating allocator gets it meanwhile.
 func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	fd := int(d.file.Fd())
 	if b.isBlock {
@@ -462,9 +474,15 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		return err
 	}
 	d.backing = BackingID{Dev: devOfStat(&b.st), Ino: b.st.Ino}
-	info, err := unix.IoctlLoopGetStatus64(fd)
-	if err != nil {
-		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	// The verification's status still holds for what is checked here
+	// (backing, offset, autoclear, read-only: partscan changes none of them).
+	info := d.status
+	d.status = nil
+	if info == nil {
+		var err error
+		if info, err = unix.IoctlLoopGetStatus64(fd); err != nil {
+			return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+		}
 	}
 	// Identity check (beyond systemd): the kernel must have bound our inode.
 	if info.Device != d.backing.Dev || info.Inode != d.backing.Ino || info.Offset != opts.Offset {
@@ -495,8 +513,8 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		d.lock.Close()
 		d.lock = nil
 	case LockShared:
-		// Downgrading with flock is not atomic, but we hold the control lock,
-		// so no cooperating allocator can take the device in between.
+		// Downgrading with flock is not atomic, but the device is bound: a
+		// cooperating allocator never takes a bound device.
 		if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
 			return fmt.Errorf("downgrade lock on %s: %w", d.path, err)
 		}
@@ -565,7 +583,9 @@ func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysf
 			diskseq = s
 		}
 	}
-	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), openBase|acc, 0)
+	// Without O_NONBLOCK (it means nothing to a block device here): os.NewFile
+	// would register a non-blocking fd with the poller, a failing epoll_ctl.
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), unix.O_CLOEXEC|unix.O_NOCTTY|acc, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "reopen", Path: node, Err: err}
 	}

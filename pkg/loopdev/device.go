@@ -6,6 +6,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Fences narrow the reuse race on kernels without diskseq (before 5.15,
@@ -61,10 +63,14 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
-	remove      bool         // LOOP_CTL_REMOVE after the clear
-	shortcut    bool         // the block-device backing itself: nothing was attached
-	ioAtAttach  *ioCounters  // diskstats when the attach finished, for flush
-	log         *slog.Logger // nil: discard
+	remove      bool // LOOP_CTL_REMOVE after the clear
+	// unpartitioned: attached here without partscan and given no BLKPG
+	// partition since, so with max_part 0 there is none to delete.
+	unpartitioned bool
+	status        *unix.LoopInfo64 // LOOP_GET_STATUS64 of the attach's verification, reused once by finish
+	shortcut      bool             // the block-device backing itself: nothing was attached
+	ioAtAttach    *ioCounters      // diskstats when the attach finished, for flush
+	log           *slog.Logger     // nil: discard
 }
 
 // Path is the device node, /dev/loopN (the backing's own node for the

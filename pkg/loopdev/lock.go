@@ -38,14 +38,24 @@ func flockPoll(ctx context.Context, fd int, how int, nonBlocking bool) error {
 			return os.NewSyscallError("flock", err)
 		}
 		// Jitter keeps waiters from polling in lockstep.
-		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("wait for lock: %w", ctx.Err())
-		case <-t.C:
+		if err := sleepCtx(ctx, delay/2+rand.N(delay/2+1)); err != nil {
+			return fmt.Errorf("wait for lock: %w", err)
 		}
 		delay = min(delay*2, lockPollMax)
+	}
+}
+
+// sleepCtx waits for d, or returns ctx's error as soon as ctx is done: the
+// one sleep of every retry and poll loop of the package (each keeps its own
+// interval formula, most of them systemd's).
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
 	}
 }
 

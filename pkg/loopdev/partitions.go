@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -23,20 +24,24 @@ type Partition struct {
 }
 
 // listPartitions enumerates the sub-directories of the disk's sysfs
-// directory that carry a "partition" file.
-func listPartitions(disk Devnum) ([]Partition, error) {
+// directory that carry a "partition" file. name is the disk's kernel name
+// (loop7) when the caller knows it, else "" and it is read from sysfs.
+func listPartitions(disk Devnum, name string) ([]Partition, error) {
 	dir := disk.SysfsDir()
 	// Partitions are the sub-directories named <disk>p<N> (loop7p1); matching
 	// the name first spares a failed open per attribute file of the disk.
-	link, err := os.Readlink(dir) // /sys/dev/block/M:m -> ../../devices/.../loopN
-	if err != nil {
-		return nil, err
+	if name == "" {
+		link, err := os.Readlink(dir) // /sys/dev/block/M:m -> ../../devices/.../loopN
+		if err != nil {
+			return nil, err
+		}
+		name = filepath.Base(link)
 	}
 	names, err := readDirNames(dir)
 	if err != nil {
 		return nil, err
 	}
-	prefix := filepath.Base(link) + "p"
+	prefix := name + "p"
 	var out []Partition
 	for _, name := range names {
 		if !strings.HasPrefix(name, prefix) {
@@ -87,8 +92,8 @@ func readDirNames(dir string) ([]string, error) {
 
 // deletePartitions removes every partition synchronously with BLKPG, so the
 // next user of the number sees none. It returns how many it found.
-func deletePartitions(f *os.File, disk Devnum) (int, error) {
-	parts, err := listPartitions(disk)
+func deletePartitions(f *os.File, disk Devnum, name string) (int, error) {
+	parts, err := listPartitions(disk, name)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, unix.ENODEV
@@ -194,7 +199,7 @@ func (d *Device) partitionsLocked() ([]Partition, error) {
 	if err := d.checkAlive(); err != nil {
 		return nil, err
 	}
-	return listPartitions(d.devnum)
+	return listPartitions(d.devnum, d.kernelName())
 }
 
 // AddPartition creates partition nr synchronously with BLKPG_ADD_PARTITION;
@@ -209,6 +214,7 @@ func (d *Device) AddPartition(nr int, start, length uint64) error {
 }
 
 func (d *Device) addPartitionLocked(nr int, start, length uint64) error {
+	d.unpartitioned = false // the teardown must look for partitions now
 	p := unix.BlkpgPartition{Pno: int32(nr), Start: int64(start), Length: int64(length)}
 	if err := blkpg(d.file, unix.BLKPG_ADD_PARTITION, &p); err != nil && err != unix.EBUSY {
 		return fmt.Errorf("BLKPG_ADD_PARTITION %s p%d: %w", d.path, nr, err)
@@ -258,3 +264,31 @@ func (d *Device) checkAlive() error {
 	}
 	return nil
 }
+
+// kernelName is loopN for a loop device, "" when unknown.
+func (d *Device) kernelName() string {
+	if d.nr < 0 {
+		return ""
+	}
+	return "loop" + strconv.Itoa(d.nr)
+}
+
+// mayHavePartitions tells the teardown whether to look for partitions. A
+// binding that never had partscan and got no BLKPG partition from us has
+// none when the loop module's max_part is 0: the kernel then marks the disk
+// GENHD_FL_NO_PART, which refuses partitions. Skipping the listing saves
+// five syscalls of every teardown.
+func (d *Device) mayHavePartitions() bool {
+	return !d.unpartitioned || loopMaxPart() != 0
+}
+
+// loopMaxPart is the loop module's max_part parameter, read once: it is
+// fixed while the module is loaded. An unreadable value counts as "may
+// have partitions".
+var loopMaxPart = sync.OnceValue(func() uint64 {
+	v, err := readAttrUint("/sys/module/loop/parameters/max_part")
+	if err != nil {
+		return 1
+	}
+	return v
+})

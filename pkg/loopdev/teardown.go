@@ -122,8 +122,10 @@ func (d *Device) teardownLocked(ctx context.Context) error {
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
 		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
-	if _, err := deletePartitions(f, d.devnum); err != nil && !errors.Is(err, unix.ENODEV) {
-		errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+	if d.mayHavePartitions() {
+		if _, err := deletePartitions(f, d.devnum, d.kernelName()); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+		}
 	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && err != unix.ENXIO {
 		errs = append(errs, fmt.Errorf("LOOP_CLR_FD: %w", err))
@@ -197,12 +199,8 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 		if i >= 39 {
 			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ErrRemoveBusy)
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ctx.Err())
-		case <-t.C:
+		if err := sleepCtx(ctx, delay); err != nil {
+			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, err)
 		}
 		if i%5 == 0 {
 			delay *= 2
@@ -247,10 +245,8 @@ func (d *Device) closeLocked() error {
 // until d's attachment is unbound, after a deferred detach.
 func (d *Device) awaitUnbind(ctx context.Context) error {
 	for d.stillBound() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
-		case <-time.After(5 * time.Millisecond):
+		if err := sleepCtx(ctx, 5*time.Millisecond); err != nil {
+			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, err))
 		}
 	}
 	return nil

@@ -61,6 +61,26 @@ func probeFileBacked(ctx context.Context, dir string) (bool, error) {
 	return true, unmountPath(mnt)
 }
 
+// probeDirectIO reports whether file-backed erofs takes the directio
+// option (kernels after 6.12): the image is then read with O_DIRECT, so a
+// layer's pages are cached once, by erofs, rather than also by the
+// backing file.
+func probeDirectIO(ctx context.Context, dir string) bool {
+	tmp, err := os.MkdirTemp(dir, "probe-")
+	if err != nil {
+		return false
+	}
+	defer os.RemoveAll(tmp)
+	src, img, mnt := filepath.Join(tmp, "src"), filepath.Join(tmp, "img"), filepath.Join(tmp, "m")
+	if os.Mkdir(src, 0o700) != nil || os.Mkdir(mnt, 0o700) != nil || run(ctx, "mkfs.erofs", "--quiet", img, src) != nil {
+		return false
+	}
+	if err := unix.Mount(img, mnt, "erofs", unix.MS_RDONLY, "directio"); err != nil {
+		return false
+	}
+	return unmountPath(mnt) == nil
+}
+
 // ensureLayer mounts layer id read-only on l/<id> unless it already is.
 func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 	k := devKey{id, roleLayer}
@@ -87,7 +107,11 @@ func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 		}
 		src = rec.Path
 	}
-	if err := unix.Mount(src, dir, "erofs", unix.MS_RDONLY, ""); err != nil {
+	data := ""
+	if s.backing == backingFile {
+		data = s.layerMountData
+	}
+	if err := unix.Mount(src, dir, "erofs", unix.MS_RDONLY, data); err != nil {
 		err = fmt.Errorf("mount layer %s on %s: %w", src, dir, err)
 		if s.backing == backingLoop {
 			err = errors.Join(err, s.devs.detachImage(ctx, img, k))
@@ -306,15 +330,19 @@ func unmountPath(p string) error {
 // startup.
 func (s *Snapshotter) layerBacking(ctx context.Context) (string, error) {
 	switch s.cfg.LayerBacking {
-	case backingLoop, backingFile:
-		return s.cfg.LayerBacking, nil
+	case backingLoop:
+		return backingLoop, nil
+	case "auto":
+		ok, err := probeFileBacked(ctx, filepath.Join(s.root, "staging"))
+		if err != nil {
+			return "", fmt.Errorf("probe file-backed erofs: %w", err)
+		}
+		if !ok {
+			return backingLoop, nil
+		}
 	}
-	ok, err := probeFileBacked(ctx, filepath.Join(s.root, "staging"))
-	if err != nil {
-		return "", fmt.Errorf("probe file-backed erofs: %w", err)
+	if probeDirectIO(ctx, filepath.Join(s.root, "staging")) {
+		s.layerMountData = "directio"
 	}
-	if ok {
-		return backingFile, nil
-	}
-	return backingLoop, nil
+	return backingFile, nil
 }

@@ -364,6 +364,11 @@ func (s *Snapshotter) lcommit(ctx context.Context, name, key string, opts []snap
 	}
 	s.fault("commit-recorded")
 	s.releaseUpperLocked(ctx, id, key)
+	// containerd runs no garbage collection after an unpack: delete the
+	// upper now rather than at the next Cleanup, or disk use after unpack
+	// would be the layers twice. (A running container's image file stays
+	// allocated until its last close, as any unlinked open file.)
+	s.emptyTrash(ctx, id)
 	s.fault("commit-done")
 	return nil
 }
@@ -426,6 +431,22 @@ func (s *Snapshotter) releaseUpperLocked(ctx context.Context, id, key string) {
 	}
 	if err := s.toTrash(s.upperRoot(id), id); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).WithFields(fields).Warn("move upper to trash")
+	}
+}
+
+// emptyTrash deletes the trash entries of snapshot id.
+func (s *Snapshotter) emptyTrash(ctx context.Context, id string) {
+	dir := filepath.Join(s.root, "trash")
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range es {
+		if strings.HasPrefix(e.Name(), id+"-") {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				log.G(ctx).WithError(err).WithField("id", id).Warn("delete committed upper")
+			}
+		}
 	}
 }
 

@@ -185,7 +185,19 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 			}
 		}
 	}
+	// Read once; only what looks orphaned is checked again under its lock,
+	// so a sweep costs one scan of the metadata, not one per candidate.
+	recs0, err := s.lrecords(ctx)
+	if err != nil {
+		return err
+	}
+	keep := func(r lrecords, k devKey) bool {
+		return k.role == roleLayer && r.kind[k.id] == snapshots.KindCommitted || k.role == roleUpper && r.owner[k.id]
+	}
 	for _, c := range cands {
+		if keep(recs0, c.k) {
+			continue
+		}
 		// A layer image is written by its snapshot's Commit, which holds
 		// the upper's lock: take it first (the order Mounts takes them in).
 		unlockUpper := func() {}
@@ -200,8 +212,7 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 			return err
 		}
 		switch {
-		case c.k.role == roleLayer && recs.kind[c.k.id] == snapshots.KindCommitted,
-			c.k.role == roleUpper && recs.owner[c.k.id]:
+		case keep(recs, c.k):
 		case c.path != "":
 			log.G(ctx).WithFields(log.Fields{"path": c.path, "id": c.k.id}).Info("unmounting orphan mount")
 			if err := unmountPath(c.path); err != nil {
@@ -229,6 +240,9 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 		return errors.Join(append(errs, err)...)
 	}
 	for _, d := range own {
+		if d.key.id != "" && recs0.needed(d.key) && !d.info.Autoclear {
+			continue
+		}
 		if d.key.id != "" {
 			unlock := s.devs.lock(d.key)
 			recs, err := s.lrecords(ctx)

@@ -65,9 +65,11 @@ type Snapshotter struct {
 	cfg     config.Snapshotter
 	mode    string // resolved storage mode of this root
 	backing string // layered mode: how layers are mounted, backingFile or backingLoop
-	ms      *storage.MetaStore
-	lock    *os.File
-	devs    *devices
+	// layerMountData is the erofs mount data of file-backed layers.
+	layerMountData string
+	ms             *storage.MetaStore
+	lock           *os.File
+	devs           *devices
 
 	// cleanupMu keeps Cleanup's scan of snapshots/ and staging/ away from a
 	// Prepare between its staging clone and its committed rename.
