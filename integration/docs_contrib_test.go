@@ -196,11 +196,26 @@ func TestContribSystemdUnit(t *testing.T) {
 			t.Errorf("unit sets %s", bad)
 		}
 	}
-	if _, err := exec.LookPath("systemd-analyze"); err != nil {
-		t.Log("systemd-analyze not installed; unit syntax not verified")
-		return
+	sock, err := os.ReadFile(filepath.Join(repo, "contrib", "systemd", "loop-snapshotter.socket"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	// Verify a copy whose ExecStart names an existing executable.
+	// The socket unit must create the daemon's default socket, before
+	// containerd; the service must pull it in.
+	for _, want := range []string{"ListenStream=" + config.DefaultSnapshotterAddress, "Before=containerd.service", "WantedBy=sockets.target"} {
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(want) + `(\s|$)`).MatchString(string(sock)) {
+			t.Errorf("socket unit lacks %q", want)
+		}
+	}
+	for _, want := range []string{"Wants=loop-snapshotter.socket", "After=loop-snapshotter.socket"} {
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(want) + `(\s|$)`).MatchString(unit) {
+			t.Errorf("unit lacks %q", want)
+		}
+	}
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		testutil.Missing(t, "systemd-analyze", "apt-get install systemd")
+	}
+	// Verify copies whose ExecStart names an existing executable.
 	dir := t.TempDir()
 	fake := filepath.Join(dir, "loop-snapshotter")
 	if err := os.Symlink("/bin/true", fake); err != nil {
@@ -210,7 +225,10 @@ func TestContribSystemdUnit(t *testing.T) {
 	if err := os.WriteFile(cp, []byte(strings.ReplaceAll(unit, "/usr/local/bin/loop-snapshotter", fake)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("systemd-analyze", "verify", cp)
+	if err := os.WriteFile(filepath.Join(dir, "loop-snapshotter.socket"), sock, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("systemd-analyze", "verify", cp, filepath.Join(dir, "loop-snapshotter.socket"))
 	cmd.Dir = dir
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(strings.TrimSpace(string(out))) > 0 {

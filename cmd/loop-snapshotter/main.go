@@ -14,23 +14,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
-	"path"
-	"path/filepath"
 	"syscall"
 	"time"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
 	toml "github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 
+	"github.com/loopkit/loopkit/internal/server"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -137,11 +131,16 @@ func setupLogging(level string) error {
 	return nil
 }
 
+// serve builds the snapshotter (reconciling its root) and serves it. The
+// signal handler is installed first: a SIGTERM during reconciliation or
+// right after READY=1 must stop the daemon gracefully, not kill it with the
+// default action.
 func serve(o *options) error {
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
+	defer stop()
 	if err := setupLogging(o.cfg.LogLevel); err != nil {
 		return err
 	}
-	ctx := context.Background()
 	if o.configSet {
 		log.G(ctx).WithField("config", o.configPath).Info("configuration loaded")
 	} else if _, err := os.Stat(o.configPath); errors.Is(err, os.ErrNotExist) {
@@ -157,120 +156,22 @@ func serve(o *options) error {
 			}
 		}))
 	}
+	// snapshot.New takes the root lock, so a second instance fails there
+	// before it could replace a live instance's socket. An inherited socket
+	// already accepts meanwhile: containerd's requests wait in its backlog.
 	sn, err := snapshot.New(ctx, o.cfg, opts...)
 	if err != nil {
 		return err
 	}
-	defer sn.Close()
-
-	l, err := listen(o.cfg.Address)
+	l, activated, err := server.Listen(o.cfg.Address)
 	if err != nil {
+		sn.Close()
 		return err
 	}
-	srv := grpc.NewServer(
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return resp, err
-		}),
-		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			start := time.Now()
-			err := h(srv, ss)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return err
-		}),
-	)
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	registerStatus(srv, sn)
-
-	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(l) }()
-	if o.cfg.MetricsAddress != "" {
-		ml, err := net.Listen("tcp", o.cfg.MetricsAddress)
-		if err != nil {
-			srv.Stop()
-			return fmt.Errorf("metrics listener: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			if err := sn.WriteMetrics(r.Context(), w); err != nil {
-				log.G(ctx).WithError(err).Warn("write metrics")
-			}
-		})
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { errc <- hs.Serve(ml) }()
-		defer hs.Close()
-		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")
+	if activated {
+		log.G(ctx).WithField("address", l.Addr().String()).Info("socket activation: serving on the socket systemd passed")
 	}
-	log.G(ctx).WithFields(log.Fields{"address": o.cfg.Address, "root": o.cfg.Root, "version": version}).Info("serving")
-	// READY only now: reconciliation ran inside snapshot.New.
-	if err := sdNotify("READY=1"); err != nil {
-		log.G(ctx).WithError(err).Warn("sd_notify READY")
-	}
-
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT)
-	select {
-	case err := <-errc:
-		return err
-	case sig := <-sigc:
-		log.G(ctx).WithField("signal", sig.String()).Info("stopping; loop devices stay attached")
-	}
-	sdNotify("STOPPING=1")
-	done := make(chan struct{})
-	go func() {
-		srv.GracefulStop()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		srv.Stop()
-	}
-	return sn.Close()
-}
-
-// listen creates the socket directory (0700), replaces a stale socket (our
-// root lock is held, so it is not a live instance's) and serves mode 0660.
-func listen(address string) (net.Listener, error) {
-	dir := filepath.Dir(address)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create socket directory: %w", err)
-	}
-	if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale socket: %w", err)
-	}
-	old := unix.Umask(0o177)
-	l, err := net.Listen("unix", address)
-	unix.Umask(old)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(address, 0o660); err != nil {
-		l.Close()
-		return nil, err
-	}
-	return l, nil
-}
-
-// sdNotify sends state to systemd's notification socket, if any.
-func sdNotify(state string) error {
-	addr := os.Getenv("NOTIFY_SOCKET")
-	if addr == "" {
-		return nil
-	}
-	if addr[0] == '@' {
-		addr = "\x00" + addr[1:] // abstract namespace
-	}
-	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_, err = conn.Write([]byte(state))
-	return err
+	return server.Run(ctx, sn, l, server.Options{MetricsAddress: o.cfg.MetricsAddress, Root: o.cfg.Root, Version: version})
 }
 
 // runConfigDump prints the effective configuration (file + flags over the
