@@ -19,15 +19,19 @@ import (
 const ctdImageRef = "loopkit.test/snap-busybox:v1"
 
 // TestContainerdLoopSnapshotter is the end-to-end path of issue 3 on a
-// private containerd 1.6: import (unpack into loop), `ctr run --snapshotter
+// private containerd, 1.6 and 2.x, in every snapshotter mode: import (unpack into loop), `ctr run --snapshotter
 // loop`, the size label seen by df and enforced with ENOSPC, a container
 // that keeps running while loop-snapshotter is restarted (SIGTERM) and
 // killed (SIGKILL) and restarted, and removal plus GC that leave no device,
 // file or mount behind.
 func TestContainerdLoopSnapshotter(t *testing.T) {
+	forEachDaemonMode(t, ctdLoopSnapshotter)
+}
+
+func ctdLoopSnapshotter(t *testing.T, d ctdDaemon, mode string) {
 	// Layers unpack at default_size; labels grow or shrink the container's
-	// copy (spec §10.4, §14 D1).
-	e := ctdStart(t, "default_size = \"128MiB\"\n")
+	// copy.
+	e := ctdStart(t, d, mode, "default_size = \"128MiB\"\n")
 	e.importImage(ctdImageRef)
 
 	// The image's layers were unpacked through Prepare/mount/Commit.

@@ -92,6 +92,39 @@ type criProc struct {
 
 func criStart(t *testing.T, name, logPath string, env []string, argv ...string) *criProc {
 	t.Helper()
+	return criStartActivated(t, name, logPath, env, nil, argv...)
+}
+
+// criBindSocket binds and listens on a unix socket as systemd does for a
+// .socket unit, and returns the listening socket as a file to pass on.
+func criBindSocket(t *testing.T, path string) *os.File {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The file is a dup; the socket path stays after the listener closes,
+	// as with RemoveOnStop=no.
+	l.SetUnlinkOnClose(false)
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close(); os.Remove(path) })
+	return f
+}
+
+// criStartActivated is criStart passing listen (when not nil) as fd 3 with
+// LISTEN_FDS=1 and LISTEN_PID set to the child's pid, the socket-activation
+// protocol. LISTEN_PID must be the child's own pid, known only after fork:
+// the child is started through sh, which sets it and execs the daemon.
+func criStartActivated(t *testing.T, name, logPath string, env []string, listen *os.File, argv ...string) *criProc {
+	t.Helper()
+	if listen != nil {
+		argv = append([]string{"/bin/sh", "-c", `export LISTEN_PID=$$; exec "$@"`, "sh"}, argv...)
+		env = append(env, "LISTEN_FDS=1", "LISTEN_FDNAMES=loop-snapshotter.socket")
+	}
 	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
@@ -105,6 +138,9 @@ func criStart(t *testing.T, name, logPath string, env []string, argv ...string) 
 	// process itself dies (killed, SIGPIPE), the daemons get SIGTERM, their
 	// graceful stop, instead of running on.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if listen != nil {
+		cmd.ExtraFiles = []*os.File{listen} // fd 3, SD_LISTEN_FDS_START
+	}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start %s: %v", name, err)

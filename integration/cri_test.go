@@ -19,19 +19,25 @@ import (
 
 const criImageRef = "loopkit.test/cri-busybox:v1"
 
-// TestCRIPodOnLoopRootfs is the Kubernetes node path: containerd 1.6's CRI
-// plugin configured with snapshotter = "loop" (contrib's snippet), driven by
-// crictl. A host-network pod runs on a sandbox image the test builds; its
+// TestCRIPodOnLoopRootfs is the Kubernetes node path, on containerd 1.6 and
+// 2.x in every snapshotter mode: the CRI plugin configured with snapshotter
+// = "loop" (contrib's snippet for the release), driven by crictl. A host-network pod runs on a sandbox image the test builds; its
 // container's root filesystem must be an ext4 on a loop device of the
 // snapshotter, CRI's stats must see the snapshotter's usage, and removing
 // the pod and the image must leave no device, mount or process behind.
 func TestCRIPodOnLoopRootfs(t *testing.T) {
+	forEachDaemonMode(t, func(t *testing.T, d ctdDaemon, mode string) {
+		criPodOnLoopRootfs(t, d, mode, criNodeOptions{})
+	})
+}
+
+func criPodOnLoopRootfs(t *testing.T, d ctdDaemon, mode string, o criNodeOptions) {
 	testutil.RequireRoot(t)
-	testutil.RequireBinaries(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "busybox", "mkfs.ext4", "go")
+	testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 	dir := t.TempDir()
 	testutil.NoLeaks(t, dir)
 
-	n := criStartNode(t, dir, criImageRef, nil)
+	n := criStartNodeOn(t, dir, d, mode, criImageRef, o)
 
 	// What docs/operations.md tells admins to check.
 	plugins := n.ctr("plugins", "ls")
@@ -177,7 +183,7 @@ func criCheckStatusAndRestart(t *testing.T, n *criNode, cid, ctrDev string) {
 		t.Errorf("after restart the container's snapshot is on %s diskseq %d, before on %s diskseq %d", after.Device, after.DiskSeq, before.Device, before.DiskSeq)
 	}
 	criWaitFor(t, "containerd reaches the restarted snapshotter", func() (bool, string) {
-		out, err := criTry(30*time.Second, "ctr", "--address", n.sock, "--namespace", "k8s.io", "snapshots", "--snapshotter", "loop", "usage", cid)
+		out, err := criTry(30*time.Second, n.d.ctr, "--address", n.sock, "--namespace", "k8s.io", "snapshots", "--snapshotter", "loop", "usage", cid)
 		return err == nil, fmt.Sprint(strings.TrimSpace(out), err)
 	})
 	if st := n.status(); len(st.Orphans) != 0 {

@@ -156,22 +156,8 @@ func serve(o *options) error {
 			}
 		}))
 	}
-	// snapshot.New takes the root lock, so a second instance fails there
-	// before it could replace a live instance's socket. An inherited socket
-	// already accepts meanwhile: containerd's requests wait in its backlog.
-	sn, err := snapshot.New(ctx, o.cfg, opts...)
-	if err != nil {
-		return err
-	}
-	l, activated, err := server.Listen(o.cfg.Address)
-	if err != nil {
-		sn.Close()
-		return err
-	}
-	if activated {
-		log.G(ctx).WithField("address", l.Addr().String()).Info("socket activation: serving on the socket systemd passed")
-	}
-	return server.Run(ctx, sn, l, server.Options{MetricsAddress: o.cfg.MetricsAddress, Root: o.cfg.Root, Version: version})
+	build := func(ctx context.Context) (*snapshot.Snapshotter, error) { return snapshot.New(ctx, o.cfg, opts...) }
+	return server.Run(ctx, server.Options{Address: o.cfg.Address, MetricsAddress: o.cfg.MetricsAddress, Root: o.cfg.Root, Version: version}, build)
 }
 
 // runConfigDump prints the effective configuration (file + flags over the

@@ -44,34 +44,31 @@ type Options struct {
 	StopTimeout time.Duration
 }
 
-// Listen returns the listener to serve on: the socket systemd passed
-// (LISTEN_FDS, LISTEN_PID), else a new socket at address. The second result
-// reports whether the socket was inherited. A passed socket is used as it is:
-// systemd owns its path, mode and lifetime.
-func Listen(address string) (net.Listener, bool, error) {
+// inherited returns the socket systemd passed (LISTEN_FDS, LISTEN_PID), or
+// nil when there is none. A passed socket is used as it is: systemd owns its
+// path, mode and lifetime.
+func inherited() (net.Listener, error) {
 	// Listeners unsets LISTEN_* and marks the fds close-on-exec, so child
 	// processes (mkfs, e2fsck) do not believe the sockets are meant for them.
 	ls, err := activation.Listeners()
 	if err != nil {
-		return nil, false, fmt.Errorf("%w: %w", ErrActivation, err)
+		return nil, fmt.Errorf("%w: %w", ErrActivation, err)
 	}
-	switch len(ls) {
-	case 0:
-		l, err := listenUnix(address)
-		return l, false, err
-	case 1:
-		if ls[0] == nil || ls[0].Addr().Network() != "unix" {
-			return nil, false, fmt.Errorf("%w: the passed socket is not a unix stream socket (ListenStream= in the .socket unit)", ErrActivation)
-		}
-		return ls[0], true, nil
-	default:
-		for _, l := range ls {
-			if l != nil {
-				l.Close()
-			}
-		}
-		return nil, false, fmt.Errorf("%w: %d sockets passed, want one", ErrActivation, len(ls))
+	switch {
+	case len(ls) == 0:
+		return nil, nil
+	case len(ls) == 1 && ls[0] != nil && ls[0].Addr().Network() == "unix":
+		return ls[0], nil
 	}
+	for _, l := range ls {
+		if l != nil {
+			l.Close()
+		}
+	}
+	if len(ls) == 1 {
+		return nil, fmt.Errorf("%w: the passed socket is not a unix stream socket (ListenStream= in the .socket unit)", ErrActivation)
+	}
+	return nil, fmt.Errorf("%w: %d sockets passed, want one", ErrActivation, len(ls))
 }
 
 // listenUnix creates the socket directory (0700), replaces a stale socket
@@ -99,31 +96,49 @@ func listenUnix(address string) (net.Listener, error) {
 	return l, nil
 }
 
-// Run serves sn on l until ctx is cancelled (the caller cancels it on
-// SIGTERM or SIGINT, with the handler installed before sn was built) or a
-// server fails. It sends READY=1 to systemd once serving, STOPPING=1 when
-// stopping, and closes sn before returning. Loop devices stay attached.
-func Run(ctx context.Context, sn *snapshot.Snapshotter, l net.Listener, o Options) error {
-	defer sn.Close()
-	srv := grpc.NewServer(
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return resp, err
-		}),
-		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			start := time.Now()
-			err := h(srv, ss)
-			sn.ObserveRPC(path.Base(info.FullMethod), time.Since(start), err)
-			return err
-		}),
-	)
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	RegisterStatus(srv, sn)
+// Build creates the snapshotter: it takes the root lock and reconciles,
+// which may take long.
+type Build func(ctx context.Context) (*snapshot.Snapshotter, error)
 
+// Run builds the snapshotter and serves it until ctx is cancelled (the
+// caller cancels it on SIGTERM or SIGINT, with the handler installed before
+// Run) or a server fails. It sends READY=1 to systemd once the snapshotter
+// serves, STOPPING=1 when stopping, and closes the snapshotter before
+// returning. Loop devices stay attached.
+//
+// On a socket systemd passed, gRPC serves at once and requests wait until
+// build returns: containerd 2.x gives a proxy connection's handshake one
+// second (its ConnectParams set no MinConnectTimeout, so the first
+// attempt's deadline is the 1 s base backoff), and CRI drops the images it
+// cannot check at startup. Without a passed socket, build runs first: it
+// takes the root lock, so a second instance fails before it could replace a
+// live instance's socket.
+func Run(ctx context.Context, o Options, build Build) error {
+	l, err := inherited()
+	if err != nil {
+		return err
+	}
+	p := newPending()
+	srv := newGRPCServer(p)
 	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(l) }()
+	if l != nil {
+		log.G(ctx).WithField("address", l.Addr().String()).Info("socket activation: serving on the socket systemd passed")
+		go func() { errc <- srv.Serve(l) }()
+	}
+	sn, err := build(ctx)
+	if err != nil {
+		p.set(nil)
+		srv.Stop()
+		return err
+	}
+	p.set(sn)
+	defer sn.Close()
+	if l == nil {
+		if l, err = listenUnix(o.Address); err != nil {
+			return err
+		}
+		go func() { errc <- srv.Serve(l) }()
+	}
 	if o.MetricsAddress != "" {
 		hs, err := serveMetrics(ctx, sn, o.MetricsAddress, errc)
 		if err != nil {
@@ -133,8 +148,8 @@ func Run(ctx context.Context, sn *snapshot.Snapshotter, l net.Listener, o Option
 		defer hs.Close()
 	}
 	log.G(ctx).WithFields(log.Fields{"address": l.Addr().String(), "root": o.Root, "version": o.Version}).Info("serving")
-	// READY only now: reconciliation ran inside snapshot.New, and the
-	// listener accepts. Without NOTIFY_SOCKET this does nothing.
+	// READY only now: reconciliation ran inside build, and the listener
+	// accepts. Without NOTIFY_SOCKET this does nothing.
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("sd_notify READY")
 	}
@@ -166,6 +181,34 @@ func Run(ctx context.Context, sn *snapshot.Snapshotter, l net.Listener, o Option
 		return errors.Join(serveErr, err)
 	}
 	return serveErr
+}
+
+// newGRPCServer serves the snapshots and status services through p, and
+// records each RPC's duration and result once the snapshotter exists.
+func newGRPCServer(p *pending) *grpc.Server {
+	observe := func(method string, start time.Time, err error) {
+		if sn := p.now(); sn != nil {
+			sn.ObserveRPC(path.Base(method), time.Since(start), err)
+		}
+	}
+	srv := grpc.NewServer(
+		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			start := time.Now()
+			resp, err := h(ctx, req)
+			observe(info.FullMethod, start, err)
+			return resp, err
+		}),
+		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			start := time.Now()
+			err := h(srv, ss)
+			observe(info.FullMethod, start, err)
+			return err
+		}),
+	)
+	lazy := lazySnapshotter{p}
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(lazy))
+	RegisterStatus(srv, lazy)
+	return srv
 }
 
 func serveMetrics(ctx context.Context, sn *snapshot.Snapshotter, address string, errc chan<- error) (*http.Server, error) {
