@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -154,23 +155,103 @@ func TestContribContainerdSnippets(t *testing.T) {
 		return v
 	}
 	v2 := load("config-v2-containerd-1.6.toml")
-	v3 := load("config-v3-containerd-2.x.toml")
-	for name, m := range map[string]map[string]any{"v2": v2, "v3": v3} {
+	v4 := load("config-v4-containerd-2.x.toml")
+	for name, m := range map[string]map[string]any{"v2": v2, "v4": v4} {
 		if get(m, "proxy_plugins", "loop", "type") != "snapshot" || get(m, "proxy_plugins", "loop", "address") != config.DefaultSnapshotterAddress {
 			t.Errorf("%s: proxy_plugins.loop = %v", name, get(m, "proxy_plugins", "loop"))
 		}
 	}
-	if get(v2, "version") != int64(2) || get(v3, "version") != int64(3) {
-		t.Errorf("versions: %v, %v", get(v2, "version"), get(v3, "version"))
+	if get(v2, "version") != int64(2) || get(v4, "version") != int64(4) {
+		t.Errorf("versions: %v, %v", get(v2, "version"), get(v4, "version"))
 	}
 	if get(v2, "plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter") != "loop" {
 		t.Errorf("v2: CRI snapshotter is not loop")
 	}
-	if get(v3, "plugins", "io.containerd.cri.v1.images", "snapshotter") != "loop" {
-		t.Errorf("v3: CRI images snapshotter is not loop")
+	if get(v4, "plugins", "io.containerd.cri.v1.images", "snapshotter") != "loop" {
+		t.Errorf("v4: CRI images snapshotter is not loop")
 	}
-	if get(v3, "proxy_plugins", "loop", "exports", "root") != config.DefaultSnapshotterRoot {
-		t.Errorf("v3: exports.root is not the snapshotter's default root")
+	if get(v4, "plugins", "io.containerd.cri.v1.images", "pinned_images", "sandbox") == nil {
+		t.Errorf("v4: no pinned sandbox image")
+	}
+	if get(v4, "proxy_plugins", "loop", "exports", "root") != config.DefaultSnapshotterRoot {
+		t.Errorf("v4: exports.root is not the snapshotter's default root")
+	}
+	t.Run("migrate", func(t *testing.T) { docMigrateUnchanged(t, repo, "config-v4-containerd-2.x.toml") })
+}
+
+// docMigrateUnchanged checks that containerd 2.x reads the snippet as its
+// current format: `containerd config migrate` prints no migration warning,
+// and every setting of the snippet (its commented examples uncommented
+// too) comes out with the same value, so no key is misspelt, misplaced or
+// silently dropped.
+func docMigrateUnchanged(t *testing.T, repo, name string) {
+	var d2 ctdDaemon
+	for _, d := range ctdDaemons(t) {
+		if d.major == 2 {
+			d2 = d
+		}
+	}
+	d2.require(t)
+	raw, err := os.ReadFile(filepath.Join(repo, "contrib", "containerd", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// "#   key = v" and "# [table]" lines are examples: uncomment them.
+	uncommented := regexp.MustCompile(`(?m)^(\s*)# ?(\s*(\[|[a-z_]+ = ))`).ReplaceAllString(string(raw), "$1$2")
+	for variant, body := range map[string]string{"as shipped": string(raw), "examples uncommented": uncommented} {
+		t.Run(strings.ReplaceAll(variant, " ", "_"), func(t *testing.T) {
+			var in map[string]any
+			if err := toml.Unmarshal([]byte(body), &in); err != nil {
+				t.Fatalf("%s (%s): %v\n%s", name, variant, err, body)
+			}
+			path := filepath.Join(t.TempDir(), "config.toml")
+			if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var stdout, stderr strings.Builder
+			cmd := exec.Command(d2.containerd, "--config", path, "config", "migrate")
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			if err := cmd.Run(); err != nil {
+				t.Fatalf("containerd config migrate: %v\n%s", err, stderr.String())
+			}
+			if strings.Contains(stderr.String(), "migrated") {
+				t.Errorf("containerd %s migrates %s: not in its current form:\n%s", containerd2Version, name, stderr.String())
+			}
+			var out map[string]any
+			if err := toml.Unmarshal([]byte(stdout.String()), &out); err != nil {
+				t.Fatal(err)
+			}
+			docSubset(t, "", in, out)
+		})
+	}
+}
+
+// docSubset reports every leaf of want that got is missing or changed.
+func docSubset(t *testing.T, at string, want, got any) {
+	t.Helper()
+	switch w := want.(type) {
+	case map[string]any:
+		g, ok := got.(map[string]any)
+		if !ok {
+			t.Errorf("%s: containerd has %T, the snippet a table", at, got)
+			return
+		}
+		for k, v := range w {
+			docSubset(t, at+"."+k, v, g[k])
+		}
+	case []any:
+		g, ok := got.([]any)
+		if !ok || len(g) != len(w) {
+			t.Errorf("%s: containerd has %v, the snippet %v", at, got, want)
+			return
+		}
+		for i := range w {
+			docSubset(t, fmt.Sprintf("%s[%d]", at, i), w[i], g[i])
+		}
+	default:
+		if fmt.Sprint(want) != fmt.Sprint(got) {
+			t.Errorf("%s: the snippet sets %v, containerd read %v (unknown or misplaced key?)", at, want, got)
+		}
 	}
 }
 
