@@ -32,6 +32,9 @@ GOTESTFLAGS ?=
 # (LOOPKIT_TEST_SCALE=1: the scaled stress run, 32 goroutines x 20 + 4 procs).
 LOOPDEV_STRESS_RUN ?= TestR01_|TestR19|HeavyDuty|Stress
 LOOPDEV_STRESS_ENV ?= LOOPKIT_TEST_SCALE=1
+# pkg/loopdev is its own Go module: `go test ./...` at the root does not
+# enter it, so every target runs go in both (go -C pkg/loopdev).
+LOOPDEV_MOD := pkg/loopdev
 # Benchmark knobs: bench/loopbench flags.
 BENCH_FLAGS ?= -workers 1,8,32 -n 512
 BENCH_TIME  ?= 200x
@@ -53,14 +56,17 @@ build:
 # Stops at the first failing step; the last lines are go test's own.
 test: require-root
 	$(GO) vet -tags integration ./...
+	$(GO) vet -C $(LOOPDEV_MOD) -tags integration ./...
 	$(GO) test $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./...
-	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m ./pkg/loopdev/...
-	$(GO) test $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' ./pkg/loopdev/
-	$(LOOPDEV_STRESS_ENV) $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' ./pkg/loopdev/
-	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' ./pkg/loopdev/
+	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./...
+	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m ./...
+	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' .
+	$(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
+	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
 
 test-unit:
 	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...
+	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -short -count=1 ./...
 
 # Benchmarks: markdown reports on stdout, progress on stderr. `make bench`
 # runs them all; BENCHMARKS.md records their output.
@@ -74,6 +80,7 @@ bench-loop: require-root
 	bin/loopbench $(BENCH_FLAGS)
 	scripts/with-udevd.sh bin/loopbench $(BENCH_FLAGS)
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCH_TIME) ./pkg/...
+	$(GO) test -C $(LOOPDEV_MOD) -run '^$$' -bench . -benchtime $(BENCH_TIME) ./...
 
 # oci-loop-hook latency under runc, state directory on tmpfs and on disk.
 bench-hook: require-root build
@@ -93,7 +100,9 @@ lint: $(TOOLS)/staticcheck
 	@unformatted="$$(gofmt -l .)"; \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet -tags integration ./...
+	$(GO) vet -C $(LOOPDEV_MOD) -tags integration ./...
 	$(TOOLS)/staticcheck -tags integration ./...
+	cd $(LOOPDEV_MOD) && $(TOOLS)/staticcheck -tags integration ./...
 	@if command -v shellcheck >/dev/null; then \
 		echo shellcheck -x .ci/run scripts/*.sh scripts/demo.d/*.sh; \
 		shellcheck -x .ci/run scripts/*.sh scripts/demo.d/*.sh; \

@@ -209,7 +209,7 @@ func ctdWaitSnapshotter(t *testing.T, e *ctdEnv) {
 // a reboot would drop them, and returns how many it detached.
 func snapDetachAll(t *testing.T, root string) int {
 	t.Helper()
-	infos, err := loopdev.List()
+	infos, err := loopdev.List(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +218,7 @@ func snapDetachAll(t *testing.T, root string) int {
 		if !strings.HasPrefix(i.BackingFile, root+"/") {
 			continue
 		}
-		if err := loopdev.DetachRecord(context.Background(), i.Record()); err != nil {
+		if err := loopdev.DetachRecord(context.Background(), i.Record(), loopdev.DetachOptions{}); err != nil {
 			t.Fatalf("detach %s: %v", i.Path, err)
 		}
 		n++

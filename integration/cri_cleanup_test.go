@@ -52,7 +52,7 @@ func criUnmountUnder(t *testing.T, dir string) {
 // backing identity, so a device re-used since the listing is left alone.
 // Failure path only.
 func criDetachUnder(t *testing.T, dir string) {
-	infos, err := loopdev.List()
+	infos, err := loopdev.List(nil)
 	if err != nil {
 		t.Logf("list loop devices: %v", err)
 		return
@@ -64,7 +64,7 @@ func criDetachUnder(t *testing.T, dir string) {
 		}
 		rec := loopdev.Record{Path: info.Path, Devnum: info.Devnum, DiskSeq: info.DiskSeq, Backing: info.Backing, Offset: info.Offset}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err := loopdev.DetachRecord(ctx, rec)
+		err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{})
 		cancel()
 		t.Logf("detached leftover %s (%s): %v", info.Path, backing, err)
 	}

@@ -26,38 +26,8 @@ import (
 func TestHookPodman(t *testing.T) {
 	testutil.RequireBinaries(t, "podman")
 	w := newHookWorld(t, "")
-	hooksDir := filepath.Join(w.dir, "hooks.d")
-	if err := os.MkdirAll(hooksDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	// The shipped hooks.d file, with only the binary path and the config
-	// flag changed: its annotation regex and stages are what is tested.
-	raw, err := os.ReadFile(filepath.Join(criRepoRoot(t), "contrib", "hooks.d", "50-oci-loop-hook.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var entry map[string]any
-	if err := json.Unmarshal(raw, &entry); err != nil {
-		t.Fatal(err)
-	}
-	h := entry["hook"].(map[string]any)
-	if h["path"] != "/usr/local/libexec/oci-loop-hook" || fmt.Sprint(h["args"]) != "[oci-loop-hook auto]" {
-		t.Fatalf("contrib hooks.d entry changed: %v", h)
-	}
-	h["path"] = w.bin
-	h["args"] = []string{"oci-loop-hook", "--config", w.config, "--log", "debug", "auto"}
-	hookJSON, _ := json.Marshal(entry)
-	if err := os.WriteFile(filepath.Join(hooksDir, "50-oci-loop-hook.json"), hookJSON, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	podman := func(args ...string) (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		all := append([]string{"--hooks-dir", hooksDir, "run", "--rm", "--network", "none",
-			"--ulimit", "nofile=1024:20000", "--ulimit", "nproc=4096:4096"}, args...)
-		out, err := exec.CommandContext(ctx, "podman", all...).CombinedOutput()
-		return string(out), err
-	}
+	hooksDir := w.podmanHooksDir()
+	podman := func(args ...string) (string, error) { return w.podman(hooksDir, args...) }
 
 	t.Run("mount", func(t *testing.T) {
 		name := hookUniqueID("pm")
@@ -144,4 +114,46 @@ func TestHookContribRuncExample(t *testing.T) {
 	if err != nil || len(reqs) != 1 {
 		t.Errorf("annotations %v: %v", spec.Annotations, err)
 	}
+}
+
+// podmanHooksDir writes the shipped hooks.d file, with only the binary path
+// and the config flag changed (its annotation regex and stages are what is
+// tested), into a hooks directory of the world.
+func (w *hookWorld) podmanHooksDir() string {
+	t := w.t
+	t.Helper()
+	hooksDir := filepath.Join(w.dir, "hooks.d")
+	if err := os.MkdirAll(hooksDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(criRepoRoot(t), "contrib", "hooks.d", "50-oci-loop-hook.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entry map[string]any
+	if err := json.Unmarshal(raw, &entry); err != nil {
+		t.Fatal(err)
+	}
+	h := entry["hook"].(map[string]any)
+	if h["path"] != "/usr/local/libexec/oci-loop-hook" || fmt.Sprint(h["args"]) != "[oci-loop-hook auto]" {
+		t.Fatalf("contrib hooks.d entry changed: %v", h)
+	}
+	h["path"] = w.bin
+	h["args"] = []string{"oci-loop-hook", "--config", w.config, "--log", "debug", "auto"}
+	hookJSON, _ := json.Marshal(entry)
+	if err := os.WriteFile(filepath.Join(hooksDir, "50-oci-loop-hook.json"), hookJSON, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return hooksDir
+}
+
+// podman runs "podman run --rm" with the hooks directory and the test's
+// resource limits.
+func (w *hookWorld) podman(hooksDir string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	all := append([]string{"--hooks-dir", hooksDir, "run", "--rm", "--network", "none",
+		"--ulimit", "nofile=1024:20000", "--ulimit", "nproc=4096:4096"}, args...)
+	out, err := exec.CommandContext(ctx, "podman", all...).CombinedOutput()
+	return string(out), err
 }

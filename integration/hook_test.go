@@ -293,13 +293,13 @@ func TestHookRunc(t *testing.T) {
 		if err := w.runcDetached(live, b); err != nil {
 			t.Fatal(err)
 		}
-		stale := `{"tool_version":"x","id":"gc-stale","bundle":"/b","init_pid":1,"init_start_time":99999999999,"mnt_ns_inode":1,"created":"2026-01-01T00:00:00Z","mounts":[{"name":"sq","image_path":"/x","image_dev":1,"image_ino":2,"image_size":3,"fstype":"squashfs","mode":"ro","dest":"/data","loop_name":"loop999998","loop_major":7,"loop_minor":999998,"diskseq":1,"phase":"mounted"}]}`
+		stale := `{"tool_version":"x","id":"gc-stale","bundle":"/b","init_pid":1,"init_start_time":99999999999,"mnt_ns_inode":1,"created":"2026-01-01T00:00:00Z","mounts":[{"name":"sq","image_path":"/x","image_dev":1,"image_ino":2,"image_size":3,"fstype":"squashfs","mode":"ro","dest":"/data","device":"/dev/loop999998","devnum":"7:999998","diskseq":1,"phase":"mounted"}]}`
 		if err := os.WriteFile(filepath.Join(w.state, "gc-stale.json"), []byte(stale), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		cmd := exec.Command(w.bin, "--config", w.config, "gc")
 		out, err := cmd.CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "removed gc-stale") {
+		if err != nil || !strings.Contains(string(out), "removed gc-stale\n") {
 			t.Fatalf("gc: %v %s", err, out)
 		}
 		if w.record(live) == nil {
@@ -340,6 +340,11 @@ func TestHookKilledMidSetup(t *testing.T) {
 	hook.Wait()
 	if p := hookProcesses(bin); len(p) > 0 {
 		t.Errorf("hook processes left: %v", p)
+	}
+	// A hook killed while it held the container lock cannot unlink the
+	// lock file; no record was written, and gc prunes the file.
+	if out, err := exec.Command(w.bin, "--config", w.config, "gc").CombinedOutput(); err != nil {
+		t.Fatalf("gc: %v %s", err, out)
 	}
 	w.assertClean()
 

@@ -37,7 +37,7 @@ func attachLoopkit(ctx context.Context, path string) (func() error, error) {
 	if err != nil {
 		return nil, err
 	}
-	return d.Detach, nil
+	return func() error { return d.Detach(ctx) }, nil
 }
 
 // attachLoopkitBuffered is loopkit with direct I/O off, as containerd and
@@ -49,7 +49,7 @@ func attachLoopkitBuffered(ctx context.Context, path string) (func() error, erro
 	if err != nil {
 		return nil, err
 	}
-	return d.Detach, nil
+	return func() error { return d.Detach(ctx) }, nil
 }
 
 // attachContainerd uses containerd v2 core/mount: AttachLoopDevice runs

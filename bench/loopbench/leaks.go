@@ -54,7 +54,7 @@ func waitUnbound(ctx context.Context, dir string) []string {
 // if it still carries the binding the listing saw. The bench directory is a
 // fresh mkdtemp, so every device bound to a file under it is this process's.
 func clearUnder(dir string) error {
-	infos, err := loopdev.List()
+	infos, err := loopdev.List(func(i loopdev.Info) (bool, bool) { return !strings.HasPrefix(i.BackingFile, dir+"/"), false })
 	if err != nil {
 		return fmt.Errorf("clear leftovers: %w", err)
 	}
@@ -62,10 +62,7 @@ func clearUnder(dir string) error {
 	defer cancel()
 	var errs []error
 	for _, info := range infos {
-		if !strings.HasPrefix(info.BackingFile, dir+"/") {
-			continue
-		}
-		err := loopdev.DetachRecord(ctx, info.Record())
+		err := loopdev.DetachRecord(ctx, info.Record(), loopdev.DetachOptions{})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) && !errors.Is(err, loopdev.ErrDetachDeferred) {
 			errs = append(errs, err)
 		}

@@ -43,10 +43,7 @@ func describeEnv(fsName, dir string) envInfo {
 	if exec.Command("pgrep", "-x", "systemd-udevd").Run() == nil {
 		e.udevd = "running"
 	}
-	e.dio = "loopkit default (on unless LOOPKIT_LOOP_DIRECT_IO=0)"
-	if v, ok := os.LookupEnv("LOOPKIT_LOOP_DIRECT_IO"); ok {
-		e.dio = "LOOPKIT_LOOP_DIRECT_IO=" + v
-	}
+	e.dio = "loopkit: on (Options.DirectIO nil); loopkit-buffered: off"
 	return e
 }
 

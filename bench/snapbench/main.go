@@ -123,11 +123,11 @@ func withFS(ctx context.Context, base, fsType string) (string, func(), error) {
 	}
 	mnt := filepath.Join(base, fsType)
 	if err := os.Mkdir(mnt, 0o755); err != nil {
-		dev.Detach()
+		dev.Detach(ctx)
 		return "", nil, err
 	}
 	if err := unix.Mount(dev.Path(), mnt, fsType, 0, ""); err != nil {
-		dev.Detach()
+		dev.Detach(ctx)
 		return "", nil, err
 	}
 	return mnt, func() {
@@ -141,7 +141,7 @@ func withFS(ctx context.Context, base, fsType string) (string, func(), error) {
 			for _, h := range holders(mnt) {
 				logf("  held by %s", h)
 			}
-			if infos, err := loopdev.List(); err == nil {
+			if infos, err := loopdev.List(nil); err == nil {
 				for _, i := range infos {
 					if strings.HasPrefix(i.BackingFile, mnt+"/") {
 						logf("  still attached: %s -> %s", i.Path, i.BackingFile)
@@ -157,7 +157,7 @@ func withFS(ctx context.Context, base, fsType string) (string, func(), error) {
 			}
 			unix.Unmount(mnt, unix.MNT_DETACH)
 		}
-		if err := dev.Detach(); err != nil {
+		if err := dev.Detach(ctx); err != nil {
 			logf("detach %s: %v", dev.Path(), err)
 		}
 		os.Remove(imgPath)

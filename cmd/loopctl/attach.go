@@ -110,7 +110,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	// scan, and udev may not be there to wait for.
 	if *partscan {
 		if _, err := d.AddPartitions(ctx); err != nil {
-			if derr := detachKept(d); derr != nil {
+			if derr := detachKept(ctx, d); derr != nil {
 				return fmt.Errorf("%s: add partitions: %w (detach: %v)", d.Path(), err, derr)
 			}
 			return fmt.Errorf("%s: add partitions: %w", d.Path(), err)
@@ -135,9 +135,9 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 
 // detachKept undoes an attach made with Keep: the handle was relinquished,
 // so ownership is taken back before the locked teardown.
-func detachKept(d *loopdev.Device) error {
+func detachKept(ctx context.Context, d *loopdev.Device) error {
 	if err := d.Unrelinquish(); err != nil {
 		return err
 	}
-	return d.Detach()
+	return d.Detach(ctx)
 }

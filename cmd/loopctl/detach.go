@@ -32,11 +32,7 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		d.Close()
 		return fmt.Errorf("detach %s: %w", path, err)
 	}
-	if *wait {
-		err = d.DetachAndWait(ctx)
-	} else {
-		err = d.DetachContext(ctx)
-	}
+	err = d.DetachWith(ctx, loopdev.DetachOptions{Wait: *wait})
 	if errors.Is(err, loopdev.ErrDetachDeferred) {
 		fmt.Fprintf(stderr, "loopctl detach: %s still in use; the kernel unbinds it at its last close\n", path)
 		return nil

@@ -16,6 +16,7 @@ func runList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("list", "[FLAGS]", stderr)
 	under := fs.String("under", "", "only devices whose backing file lies under this directory")
 	tagPrefix := fs.String("tag-prefix", "", "only devices whose owner tag (lo_file_name) starts with this prefix")
+	inspect := fs.Bool("inspect", false, "open each listed device read-only to show its owner tag and backing dev/ino (implied by -under and -tag-prefix; the open makes a concurrent detach by the device's owner lazy)")
 	asJSON := fs.Bool("json", false, "print a JSON array")
 	if err := parseFlags(fs, args, 0); err != nil {
 		return err
@@ -31,14 +32,20 @@ func runList(_ context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		dir = abs
 	}
-	infos, err := loopdev.List()
+	// The listing reads sysfs only; the owner tag and the backing's dev/ino
+	// need an open of the device, done only for the devices selected.
+	infos, err := loopdev.List(func(i loopdev.Info) (bool, bool) {
+		return dir != "" && !pathUnder(i.BackingFile, dir), false
+	})
 	if err != nil {
 		return fmt.Errorf("list loop devices: %w", err)
 	}
 	views := []deviceView{}
 	for _, i := range infos {
-		if dir != "" && !pathUnder(strings.TrimSuffix(i.BackingFile, " (deleted)"), dir) {
-			continue
+		if dir != "" || *tagPrefix != "" || *inspect {
+			if i, err = loopdev.Inspect(i); err != nil {
+				continue // detached or reused meanwhile
+			}
 		}
 		if *tagPrefix != "" && !strings.HasPrefix(i.FileName, *tagPrefix) {
 			continue

@@ -60,7 +60,7 @@ func sparseFile(t *testing.T, dir, name string, size int64) string {
 // the test already did; the diskseq guard keeps it off anyone else's device.
 func detachOnCleanup(t *testing.T, rec loopdev.Record) {
 	t.Cleanup(func() {
-		err := loopdev.DetachRecord(context.Background(), rec)
+		err := loopdev.DetachRecord(context.Background(), rec, loopdev.DetachOptions{})
 		// Gone or reused: the test detached it and the number moved on.
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
 			t.Errorf("cleanup: detach %s: %v", rec.Path, err)

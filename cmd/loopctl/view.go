@@ -80,14 +80,16 @@ func (v *deviceView) addDevice(d *loopdev.Device) error {
 // findInfo returns the listing entry of the attachment d, matched by devnum
 // and diskseq so a reused number is never reported as ours.
 func findInfo(d *loopdev.Device) (loopdev.Info, error) {
-	infos, err := loopdev.List()
+	infos, err := loopdev.List(func(i loopdev.Info) (bool, bool) {
+		ours := i.Devnum == d.Devnum() && (d.DiskSeq() == 0 || i.DiskSeq == d.DiskSeq())
+		return !ours, ours
+	})
 	if err != nil {
 		return loopdev.Info{}, err
 	}
-	for _, i := range infos {
-		if i.Devnum == d.Devnum() && (d.DiskSeq() == 0 || i.DiskSeq == d.DiskSeq()) {
-			return i, nil
-		}
+	if len(infos) == 1 {
+		// Our own device: reading its owner tag is ours to do.
+		return loopdev.Inspect(infos[0])
 	}
 	return loopdev.Info{}, fmt.Errorf("%s (devnum %s, diskseq %d) not in the device list: %w",
 		d.Path(), d.Devnum(), d.DiskSeq(), loopdev.ErrGone)

@@ -13,6 +13,7 @@ import (
 	"log/syslog"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	toml "github.com/pelletier/go-toml/v2"
@@ -53,8 +54,14 @@ Options:
   --mount SPEC   admin-given mount, image=NAME,dest=/path[,rw][,noexec];
                  repeatable
 
-Exit codes: 0 ok or nothing to do, 1 operational failure, 2 bad input or
-configuration, 3 refused by policy, 4 unsupported environment or stage.
+Exit codes:
+  0  success, or nothing to do
+  1  runtime failure (a system call, the kernel, a timeout)
+  2  usage or configuration error, or malformed input (OCI state, annotation,
+     state record)
+  3  refused by policy
+  4  runtime contract broken: wrong stage, no mount namespace of its own,
+     rootless, no diskseq while require_diskseq is on
 `
 
 type mountFlags []string
@@ -71,12 +78,22 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == hook.LockChildCommand {
+		os.Exit(hook.RunLockChild(os.Args[2]))
+	}
 	// Files the hook creates (state, logs) are for root only.
 	unix.Umask(0o077)
 	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
 }
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	// Armed before anything that can block (the log file, the config, the
+	// state on stdin) with the default timeout, re-armed once the config
+	// gives the real one: a hook stuck in the kernel must still end before
+	// the runtime's timeout kills it; exiting closes our fds, which lets
+	// autoclear undo an attach.
+	wd := startWatchdog(stderr, time.Duration(config.DefaultHook().TimeoutSeconds)*time.Second)
+	defer wd.stop()
 	opts, err := parseArgs(args)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprint(stdout, usage)
@@ -88,25 +105,28 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cmd := canonical(opts.command)
+	wd.label(cmd, "")
 	if cmd == "version" {
 		fmt.Fprintf(stdout, "oci-loop-hook %s (commit %s)\n", version, commit)
 		return 0
+	}
+	level, err := parseLevel(opts.level)
+	if err != nil {
+		fail(stderr, "usage", "", err)
+		return 2
 	}
 	cfg, fromFile, err := config.LoadHook(opts.configPath, opts.configExplicit)
 	if err != nil {
 		fail(stderr, cmd, "", configError(err))
 		return 2
 	}
-	log, closeLog, err := newLogger(&cfg, opts.level)
-	if err != nil {
-		fail(stderr, cmd, "", err)
-		return 2
-	}
+	timeout := time.Duration(cfg.TimeoutSeconds) * time.Second
+	wd.reset(timeout + 2*time.Second)
+	log, closeLog := newLogger(&cfg, level, stderr)
 	defer closeLog()
 	if !fromFile {
 		log.Info("no config file; built-in defaults, no images allowed")
 	}
-	timeout := time.Duration(cfg.TimeoutSeconds) * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	h := hook.New(&cfg, log, version)
@@ -121,7 +141,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	case "check-config":
 		out, err := toml.Marshal(cfg)
 		if err != nil {
-			fail(stderr, cmd, "", err)
+			fail(stderr, cmd, "", fmt.Errorf("render configuration: %w", err))
 			return 1
 		}
 		if !fromFile {
@@ -159,6 +179,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fail(stderr, cmd, "", err)
 		return hook.ExitCode(err)
 	}
+	wd.label(cmd, st.ID)
 	if cmd == "auto" {
 		switch st.Status {
 		case hook.StatusCreating:
@@ -166,17 +187,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		case hook.StatusStopped:
 			cmd = "teardown"
 		default:
-			fail(stderr, "auto", st.ID, fmt.Errorf("%w: wrong stage: status %q is neither creating nor stopped", hook.ErrUnsupported, st.Status))
+			fail(stderr, "auto", st.ID, hook.Errorf(hook.ErrUnsupported, "wrong stage: status %q is neither creating nor stopped", st.Status))
 			return 4
 		}
+		wd.label(cmd, st.ID)
 	}
-	// A hook stuck in the kernel must still end before the runtime's timeout
-	// kills it; exiting closes our fds, which lets autoclear undo the attach.
-	watchdog := time.AfterFunc(timeout+2*time.Second, func() {
-		fail(stderr, cmd, st.ID, errors.New("internal deadline expired"))
-		os.Exit(1)
-	})
-	defer watchdog.Stop()
 	if cmd == "setup" {
 		err = h.Setup(ctx, st, mounts)
 	} else {
@@ -192,6 +207,36 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	return 0
 }
+
+// watchdog ends the process with exit 1 and the one stderr line when the
+// hook outlives its deadline, whatever it is blocked in.
+type watchdog struct {
+	timer   *time.Timer
+	mu      sync.Mutex
+	cmd, id string
+}
+
+func startWatchdog(stderr io.Writer, after time.Duration) *watchdog {
+	w := &watchdog{cmd: "start"}
+	w.timer = time.AfterFunc(after, func() {
+		w.mu.Lock()
+		cmd, id := w.cmd, w.id
+		w.mu.Unlock()
+		fail(stderr, cmd, id, errors.New("internal deadline expired"))
+		os.Exit(1)
+	})
+	return w
+}
+
+func (w *watchdog) label(cmd, id string) {
+	w.mu.Lock()
+	w.cmd, w.id = cmd, id
+	w.mu.Unlock()
+}
+
+func (w *watchdog) reset(after time.Duration) { w.timer.Reset(after) }
+
+func (w *watchdog) stop() { w.timer.Stop() }
 
 func parseArgs(args []string) (options, error) {
 	o := options{configPath: config.DefaultHookPath, level: "info"}
@@ -236,14 +281,15 @@ func canonical(cmd string) string {
 	return cmd
 }
 
+// configError classes a configuration error as exit 2; pkg/config's text
+// already names the file and the class ("invalid configuration", "insecure
+// configuration file"), so nothing is added but for a missing file.
 func configError(err error) error {
-	if errors.Is(err, fs.ErrNotExist) {
-		var pe *fs.PathError
-		if errors.As(err, &pe) {
-			return fmt.Errorf("%w: config file %s does not exist", hook.ErrInvalid, pe.Path)
-		}
+	var pe *fs.PathError
+	if errors.Is(err, fs.ErrNotExist) && errors.As(err, &pe) {
+		return hook.Errorf(hook.ErrInvalid, "config file %s does not exist", pe.Path)
 	}
-	return fmt.Errorf("%w: config: %w", hook.ErrInvalid, err)
+	return hook.Errorf(hook.ErrInvalid, "%w", err)
 }
 
 // fail writes the one stderr line: "oci-loop-hook: <command>: <id>: <reason>".
@@ -267,26 +313,48 @@ func fail(w io.Writer, cmd, id string, err error) {
 	fmt.Fprintf(w, "oci-loop-hook: %s: %s\n", cmd, msg)
 }
 
+// parseLevel accepts the four levels --help lists.
+func parseLevel(s string) (logrus.Level, error) {
+	switch s {
+	case "debug":
+		return logrus.DebugLevel, nil
+	case "info":
+		return logrus.InfoLevel, nil
+	case "warn", "warning":
+		return logrus.WarnLevel, nil
+	case "error":
+		return logrus.ErrorLevel, nil
+	}
+	return 0, fmt.Errorf("--log %q: must be debug, info, warn or error", truncate(s, 32))
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
 // newLogger builds the structured log: syslog (silently discarded when no
 // syslog daemon listens: stderr is reserved for the one error line),
-// stderr, or an append-only file.
-func newLogger(cfg *config.Hook, level string) (*logrus.Entry, func(), error) {
-	lvl, err := logrus.ParseLevel(level)
-	if err != nil {
-		return nil, nil, fmt.Errorf("%w: --log: %w", hook.ErrInvalid, err)
-	}
+// stderr, or an append-only file. A log file that cannot be used (a FIFO, a
+// device, a symlink, a missing directory) never fails or hangs the hook:
+// the log goes to stderr after one warning.
+func newLogger(cfg *config.Hook, lvl logrus.Level, stderr io.Writer) (*logrus.Entry, func()) {
 	l := logrus.New()
 	l.SetLevel(lvl)
 	l.SetFormatter(&logrus.TextFormatter{DisableColors: true, FullTimestamp: true})
 	closer := func() {}
 	switch {
 	case cfg.Log == "stderr":
-		l.SetOutput(os.Stderr)
+		l.SetOutput(stderr)
 	case strings.HasPrefix(cfg.Log, "file:"):
 		path := strings.TrimPrefix(cfg.Log, "file:")
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
+		f, err := openLogFile(path)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%w: log file: %w", hook.ErrInvalid, err)
+			l.SetOutput(stderr)
+			l.WithError(err).Warn("log file unusable; logging to stderr")
+			break
 		}
 		l.SetOutput(f)
 		closer = func() { f.Close() }
@@ -300,5 +368,26 @@ func newLogger(cfg *config.Hook, level string) (*logrus.Entry, func(), error) {
 		l.SetOutput(w)
 		closer = func() { w.Close() }
 	}
-	return logrus.NewEntry(l), closer, nil
+	return logrus.NewEntry(l), closer
+}
+
+// openLogFile opens (creating it 0600) the log file for appending. O_NONBLOCK
+// makes a FIFO without a reader fail at once (ENXIO) instead of blocking the
+// open forever; a FIFO with a reader, or anything else that is not a
+// regular file, is refused after the open by fstat.
+func openLogFile(path string) (*os.File, error) {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open log file", Path: path, Err: err}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, &fs.PathError{Op: "fstat log file", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		unix.Close(fd)
+		return nil, fmt.Errorf("log file %s is not a regular file", path)
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }

@@ -159,7 +159,7 @@ func TestTeardownLeavesReusedDevice(t *testing.T) {
 	if err := e.hook.Setup(ctxT(t), st, nil); err != nil {
 		t.Fatal(err)
 	}
-	rec, err := openTestStore(t, e).Read("reuse")
+	rec, err := e.recordOf(t, "reuse")
 	if err != nil || rec == nil {
 		t.Fatalf("record: %v", err)
 	}
@@ -170,7 +170,7 @@ func TestTeardownLeavesReusedDevice(t *testing.T) {
 	if err := os.WriteFile(other, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	node := "/dev/" + rec.Mounts[0].LoopName
+	node := rec.Mounts[0].Device
 	if out, err := exec.Command("losetup", node, other).CombinedOutput(); err != nil {
 		t.Skipf("%s was taken by someone else before the test could reuse it: %v %s", node, err, out)
 	}
@@ -181,11 +181,11 @@ func TestTeardownLeavesReusedDevice(t *testing.T) {
 	foreignRec := foreign.Record()
 	foreign.Close()
 	t.Cleanup(func() {
-		if err := loopdev.DetachRecord(ctxT(t), foreignRec); err != nil && !isGoneOrReused(err) {
+		if err := loopdev.DetachRecord(ctxT(t), foreignRec, loopdev.DetachOptions{}); err != nil && !isGoneOrReused(err) {
 			t.Errorf("cleanup detach %s: %v", node, err)
 		}
 	})
-	if foreignRec.DiskSeq == rec.Mounts[0].Diskseq {
+	if foreignRec.DiskSeq == rec.Mounts[0].DiskSeq {
 		t.Fatalf("diskseq did not change on reuse: %d", foreignRec.DiskSeq)
 	}
 	if err := e.hook.Teardown(ctxT(t), c.state("reuse", StatusStopped, nil)); err != nil {
@@ -197,7 +197,7 @@ func TestTeardownLeavesReusedDevice(t *testing.T) {
 	if err := loopdev.Verify(foreignRec); err != nil {
 		t.Fatalf("the foreign binding was touched: %v", err)
 	}
-	if r, _ := openTestStore(t, e).Read("reuse"); r != nil {
+	if r, _ := e.recordOf(t, "reuse"); r != nil {
 		t.Error("record left after teardown")
 	}
 }
@@ -221,7 +221,7 @@ func TestForeignDetachDuringSetup(t *testing.T) {
 	if losetupErr != nil {
 		t.Logf("foreign detach failed: %v", losetupErr)
 	}
-	rec, rerr := openTestStore(t, e).Read("race")
+	rec, rerr := e.recordOf(t, "race")
 	if rerr != nil {
 		t.Fatal(rerr)
 	}
@@ -239,12 +239,12 @@ func TestForeignDetachDuringSetup(t *testing.T) {
 		t.Errorf("hello.txt = %q", got)
 	}
 	m := rec.Mounts[0]
-	seq, err := os.ReadFile("/sys/block/" + m.LoopName + "/diskseq")
+	seq, err := os.ReadFile("/sys/block/" + filepath.Base(m.Device) + "/diskseq")
 	if err != nil {
 		t.Fatalf("device of the record is gone while mounted: %v", err)
 	}
-	if strings.TrimSpace(string(seq)) != itoa(int(m.Diskseq)) {
-		t.Fatalf("record diskseq %d, device %s", m.Diskseq, seq)
+	if strings.TrimSpace(string(seq)) != itoa(int(m.DiskSeq)) {
+		t.Fatalf("record diskseq %d, device %s", m.DiskSeq, seq)
 	}
 	c.Kill()
 	waitUnbound(t, e.cfg.Images["squashfs"].Path)

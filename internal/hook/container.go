@@ -18,7 +18,10 @@ type Container struct {
 	Pid        int
 	StartTime  uint64 // field 22 of /proc/<pid>/stat, clock ticks since boot
 	MntNSInode uint64
-	pidfd      int
+	// OwnUserNS is set when the container runs in a user namespace other
+	// than the hook's: its root can remount, so the flags get locked.
+	OwnUserNS bool
+	pidfd     int
 }
 
 // Close releases the pidfd.
@@ -45,15 +48,23 @@ func PinContainer(pid int) (*Container, error) {
 func (c *Container) inspect() error {
 	start, err := ProcessStartTime(c.Pid)
 	if err != nil {
-		return fmt.Errorf("container process %d: %w", c.Pid, err)
+		return fmt.Errorf("container process %d: %s", c.Pid, errnoText(err))
 	}
 	var theirs, ours unix.Stat_t
 	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/mnt", c.Pid), &theirs); err != nil {
-		return fmt.Errorf("container process %d: mount namespace: %w", c.Pid, err)
+		return fmt.Errorf("container process %d: mount namespace: %s", c.Pid, errnoText(err))
 	}
 	if err := unix.Stat("/proc/thread-self/ns/mnt", &ours); err != nil {
 		return fmt.Errorf("own mount namespace: %w", err)
 	}
+	var theirUser, ourUser unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/%d/ns/user", c.Pid), &theirUser); err != nil {
+		return fmt.Errorf("container process %d: user namespace: %s", c.Pid, errnoText(err))
+	}
+	if err := unix.Stat("/proc/thread-self/ns/user", &ourUser); err != nil {
+		return fmt.Errorf("own user namespace: %w", err)
+	}
+	c.OwnUserNS = theirUser.Ino != ourUser.Ino || theirUser.Dev != ourUser.Dev
 	// The /proc reads above went by pid; the pidfd proves it is still the
 	// process we pinned (ESRCH once it exited, even if the pid was reused).
 	if err := unix.PidfdSendSignal(c.pidfd, 0, nil, 0); err != nil {

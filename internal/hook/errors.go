@@ -6,15 +6,18 @@ import (
 	"fmt"
 )
 
-// Error classes; main maps them to exit codes (oci-hook-spec section 7.10).
+// Error classes; main maps them to exit codes: 0 success, 1 runtime
+// failure, 2 usage or configuration (ErrInvalid), 3 refused by policy,
+// 4 runtime contract broken (wrong stage, no mount namespace, rootless).
 var (
 	// ErrInvalid is bad input: usage, malformed state or annotation, bad or
 	// insecure config or state directory (exit 2).
 	ErrInvalid = errors.New("invalid input")
 	// ErrRefused is a policy refusal (exit 3).
 	ErrRefused = errors.New("refused by policy")
-	// ErrUnsupported is an unsupported environment: wrong stage, no own mount
-	// namespace, no diskseq while required, rootless (exit 4).
+	// ErrUnsupported is a broken runtime contract or environment: wrong
+	// stage, no own mount namespace, no diskseq while required, rootless
+	// (exit 4).
 	ErrUnsupported = errors.New("unsupported environment")
 )
 
@@ -39,6 +42,11 @@ func classf(class error, format string, args ...any) error {
 	err := fmt.Errorf(format, args...)
 	return &classError{class: class, msg: err.Error(), cause: errors.Unwrap(err)}
 }
+
+// Errorf returns an error of class (ErrInvalid, ErrRefused,
+// ErrUnsupported) whose text is the formatted message alone, for main's
+// own checks.
+func Errorf(class error, format string, args ...any) error { return classf(class, format, args...) }
 
 func invalidf(format string, args ...any) error { return classf(ErrInvalid, format, args...) }
 

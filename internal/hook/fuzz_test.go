@@ -15,14 +15,14 @@ import (
 func FuzzParsers(f *testing.F) {
 	f.Add([]byte(`{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":5,"bundle":"/b","annotations":{"org.ociloop.image":"ds","org.ociloop.dest":"/data"}}`),
 		`[{"image":"ds","dest":"/data","noexec":true}]`, "image=ds,dest=/data,rw",
-		[]byte(`{"id":"c1","mounts":[{"loop_name":"loop1","phase":"mounted"}]}`),
+		[]byte(`{"id":"c1","mounts":[{"device":"/dev/loop1","devnum":"7:1","image_dev":1,"image_ino":2,"phase":"mounted"}]}`),
 		[]byte("version = 1\n[images.ds]\npath = \"/srv/ds.sqfs\"\nfstype = \"squashfs\"\n"))
 	f.Add([]byte(`{"id":"../../x","status":"stopped"}`), `[{"image":"a","image":"b"}]`, "dest=/x",
 		[]byte(`{"id":"a","id":"b"}`), []byte("[images.x]\nbogus = 1\n"))
 	f.Fuzz(func(t *testing.T, state []byte, mounts string, mountArg string, record []byte, toml []byte) {
 		if st, err := ParseState(state); err == nil {
-			if st.ID == "" || StateName(st.ID) == "" || bytes.ContainsAny([]byte(StateName(st.ID)), "/\x00") {
-				t.Fatalf("accepted id %q maps to file name %q", st.ID, StateName(st.ID))
+			if st.ID == "" || StateName(st.ID, st.Bundle) == "" || bytes.ContainsAny([]byte(StateName(st.ID, st.Bundle)), "/\x00") {
+				t.Fatalf("accepted id %q maps to file name %q", st.ID, StateName(st.ID, st.Bundle))
 			}
 			if reqs, err := ParseAnnotations(st.Annotations, "org.ociloop.", 4); err == nil {
 				checkRequests(t, reqs)
@@ -45,8 +45,8 @@ func FuzzParsers(f *testing.F) {
 		}
 		if rec, err := ParseRecord(record); err == nil {
 			for _, m := range rec.Mounts {
-				if !loopName.MatchString(m.LoopName) {
-					t.Fatalf("record accepted loop name %q", m.LoopName)
+				if !loopDevice.MatchString(m.Device) || m.Devnum == 0 || (m.ImageDev == 0 && m.ImageIno == 0) {
+					t.Fatalf("record accepted device %q devnum %s backing %d:%d", m.Device, m.Devnum, m.ImageDev, m.ImageIno)
 				}
 			}
 		}

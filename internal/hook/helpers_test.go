@@ -31,6 +31,7 @@ type testEnv struct {
 	cfg    config.Hook
 	logBuf *syncBuffer
 	hook   *Hook
+	userNS bool // newFakeContainer puts the process in a user namespace of its own
 }
 
 type syncBuffer struct {
@@ -52,6 +53,15 @@ func (s *syncBuffer) String() string {
 
 // newTestEnv gates on root and loop devices, registers the leak check and
 // builds a squashfs image "sq" (and "erofs"/"ext4" on request).
+// TestMain lets the test binary play the hook's flag-locking helper, which
+// the hook runs by re-executing /proc/self/exe.
+func TestMain(m *testing.M) {
+	if len(os.Args) == 3 && os.Args[1] == LockChildCommand {
+		os.Exit(RunLockChild(os.Args[2]))
+	}
+	os.Exit(m.Run())
+}
+
 func newTestEnv(t *testing.T, fstypes ...string) *testEnv {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -159,6 +169,9 @@ func (e *testEnv) newFakeContainer(name string, newNS bool, prepare func(rootfs 
 	args := []string{"unshare", "--mount", "--propagation", "private", "sleep", "600"}
 	if !newNS {
 		args = []string{"sleep", "600"}
+	}
+	if e.userNS {
+		args = []string{"unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "sleep", "600"}
 	}
 	cmd := exec.Command(args[0], args[1:]...)
 	if err := cmd.Start(); err != nil {
@@ -300,4 +313,22 @@ func nullLog() *logrus.Entry {
 
 func isGoneOrReused(err error) bool {
 	return errors.Is(err, loopdev.ErrGone) || errors.Is(err, loopdev.ErrReused)
+}
+
+// recordOf returns the stored record of the container id (whatever bundle
+// it was keyed with), or nil; unreadable records are skipped.
+func (e *testEnv) recordOf(t *testing.T, id string) (*Record, error) {
+	t.Helper()
+	store := openTestStore(t, e)
+	names, err := store.Names()
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range names {
+		rec, err := store.Read(n)
+		if err == nil && rec != nil && rec.ID == id {
+			return rec, nil
+		}
+	}
+	return nil, nil
 }

@@ -61,14 +61,14 @@ func rootfsPath(bundle string) (string, error) {
 	defer f.Close()
 	data, err := io.ReadAll(io.LimitReader(f, maxBundleConfig+1))
 	if err != nil {
-		return "", fmt.Errorf("read bundle config: %w", err)
+		return "", fmt.Errorf("read bundle config %s/config.json: %w", bundle, err)
 	}
 	if len(data) > maxBundleConfig {
 		return "", invalidf("bundle config larger than %d bytes", maxBundleConfig)
 	}
 	var spec specs.Spec
 	if err := json.Unmarshal(data, &spec); err != nil {
-		return "", invalidf("bundle config %s/config.json: %v", bundle, err)
+		return "", invalidf("bundle config %s/config.json: %v", bundle, describeJSONError(err))
 	}
 	if spec.Root == nil || spec.Root.Path == "" {
 		return "", invalidf("bundle config %s/config.json: no root.path", bundle)

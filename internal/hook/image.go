@@ -6,10 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/loopkit/loopkit/pkg/config"
 )
 
 // Image is an opened, verified image file.
@@ -24,44 +23,26 @@ type Image struct {
 // Close closes the image file.
 func (im *Image) Close() error { return im.File.Close() }
 
-// beneath is how image files are looked up: no symlink anywhere, no escape
-// from the trusted directory, no /proc magic links.
-const beneath = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS
+// walkResolve is how every component of an image path is opened: no
+// symlink (not even in a directory above allowed_image_dirs, whose owner
+// could otherwise point the lookup anywhere), no magic link, no "..".
+const walkResolve = unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_BENEATH
 
-// OpenImage opens the image of p fd-based beneath its trusted directory and
-// verifies it. An attacker could plant a symlink or hardlink to a block
-// device (giving the container a host disk), a FIFO (hanging the hook), or a
-// writable file; the O_PATH open cannot block, fstat decides before any data
+// OpenImage opens the image of p and verifies it. The path is resolved from
+// "/" one component at a time, each directory opened O_PATH relative to the
+// one before with symlinks refused, and each checked before it is used: an
+// ancestor that anyone but root can write (or rename entries in) could be
+// swapped for a symlink or a directory of the attacker's choosing. The last
+// open is O_PATH (it cannot block on a FIFO), fstat decides before any data
 // open, and the data open goes through the same inode (/proc/self/fd),
-// compared by dev/ino. The declared fstype must match the on-disk magic.
+// compared by dev/ino: a hardlink or symlink to a block device, a FIFO or a
+// writable file never gets opened. The declared fstype must match the
+// on-disk magic.
 func OpenImage(p Plan, allowedFSTypes []string) (*Image, error) {
-	name := p.Name
-	if name == "" {
-		name = p.ImagePath
-	}
-	dirfd, err := unix.Open(p.Dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	name := p.displayName()
+	pathfd, err := openImagePath(p.ImagePath)
 	if err != nil {
-		return nil, refusedf("image %q: open directory %s: %s", name, p.Dir, errnoText(err))
-	}
-	defer unix.Close(dirfd)
-	if err := checkFdOwnerMode(dirfd, p.Dir, unix.S_IFDIR); err != nil {
 		return nil, refusedf("image %q: %w", name, err)
-	}
-	base := p.Rel
-	if d := filepath.Dir(p.Rel); d != "." {
-		sub, err := unix.Openat2(dirfd, d, &unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: beneath})
-		if err != nil {
-			return nil, refusedf("image %q: open directory %s beneath %s: %s", name, d, p.Dir, errnoText(err))
-		}
-		defer unix.Close(sub)
-		if err := checkFdOwnerMode(sub, filepath.Join(p.Dir, d), unix.S_IFDIR); err != nil {
-			return nil, refusedf("image %q: %w", name, err)
-		}
-		dirfd, base = sub, filepath.Base(p.Rel)
-	}
-	pathfd, err := unix.Openat2(dirfd, base, &unix.OpenHow{Flags: unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC, Resolve: beneath})
-	if err != nil {
-		return nil, refusedf("image %q: open %s: %s", name, p.ImagePath, errnoText(err))
 	}
 	defer unix.Close(pathfd)
 	var st unix.Stat_t
@@ -71,8 +52,8 @@ func OpenImage(p Plan, allowedFSTypes []string) (*Image, error) {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil, refusedf("image %q: %s is a %s, not a regular file", name, p.ImagePath, fileKind(st.Mode))
 	}
-	if err := config.CheckOwnerMode(p.ImagePath, &st, unix.S_IFREG); err != nil {
-		return nil, refusedf("image %q: %w", name, err)
+	if err := checkOwnerMode(&st, false); err != nil {
+		return nil, refusedf("image %q: insecure image file %s: %s", name, p.ImagePath, err)
 	}
 	if st.Size <= 0 {
 		return nil, refusedf("image %q: %s is empty", name, p.ImagePath)
@@ -84,7 +65,7 @@ func OpenImage(p Plan, allowedFSTypes []string) (*Image, error) {
 	// Reopen the verified inode through its O_PATH fd: no second path lookup.
 	fd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(pathfd), flags|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, fmt.Errorf("image %q: reopen %s: %w", name, p.ImagePath, err)
+		return nil, fmt.Errorf("image %q: reopen %s: %s", name, p.ImagePath, errnoText(err))
 	}
 	f := os.NewFile(uintptr(fd), p.ImagePath)
 	var st2 unix.Stat_t
@@ -100,6 +81,56 @@ func OpenImage(p Plan, allowedFSTypes []string) (*Image, error) {
 	return im, nil
 }
 
+// openImagePath walks the clean absolute path from "/" and returns an O_PATH
+// fd of its last component, which it does not follow. Every directory on the
+// way must be root-owned and writable by nobody else; an ancestor (not the
+// image's own directory) may instead be a root-owned sticky directory such
+// as /tmp, where only root can rename or remove the root-owned entry we
+// continue through. The image's own directory has no such exception: anyone
+// who can create entries there can hardlink a root-owned file into it when
+// fs.protected_hardlinks is off.
+func openImagePath(path string) (int, error) {
+	if !filepath.IsAbs(path) || filepath.Clean(path) != path || path == "/" {
+		return -1, fmt.Errorf("%s is not a clean absolute file path", path)
+	}
+	dirfd, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open /: %s", errnoText(err))
+	}
+	comps := strings.Split(path[1:], "/")
+	walked := "/"
+	for i, comp := range comps {
+		last := i == len(comps)-1
+		var st unix.Stat_t
+		if err := unix.Fstat(dirfd, &st); err != nil {
+			unix.Close(dirfd)
+			return -1, fmt.Errorf("fstat %s: %w", walked, err)
+		}
+		if err := checkOwnerMode(&st, !last); err != nil {
+			unix.Close(dirfd)
+			return -1, fmt.Errorf("insecure image directory %s: %s", walked, err)
+		}
+		flags := unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC
+		if !last {
+			flags |= unix.O_DIRECTORY
+		}
+		fd, err := unix.Openat2(dirfd, comp, &unix.OpenHow{Flags: uint64(flags), Resolve: walkResolve})
+		if errors.Is(err, unix.ENOTDIR) {
+			// O_DIRECTORY|O_NOFOLLOW on a symlink says ENOTDIR: say which.
+			var lst unix.Stat_t
+			if unix.Fstatat(dirfd, comp, &lst, unix.AT_SYMLINK_NOFOLLOW) == nil && lst.Mode&unix.S_IFMT == unix.S_IFLNK {
+				err = unix.ELOOP
+			}
+		}
+		unix.Close(dirfd)
+		walked = filepath.Join(walked, comp)
+		if err != nil {
+			return -1, fmt.Errorf("open %s: %s", walked, errnoText(err))
+		}
+		dirfd = fd
+	}
+	return dirfd, nil
+}
 func (im *Image) checkFSType(name string, allowed []string) error {
 	detected, err := DetectFSType(im.File)
 	if err != nil {
@@ -126,12 +157,16 @@ func (im *Image) checkFSType(name string, allowed []string) error {
 	return refusedf("image %q: fstype %s is not allowed", name, im.FSType)
 }
 
-func checkFdOwnerMode(fd int, path string, kind uint32) error {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("fstat %s: %w", path, err)
+// checkOwnerMode requires a root owner and no write access for group or
+// others; with stickyOK a root-owned sticky directory is accepted too.
+func checkOwnerMode(st *unix.Stat_t, stickyOK bool) error {
+	if st.Uid != 0 {
+		return fmt.Errorf("owned by uid %d, not root", st.Uid)
 	}
-	return config.CheckOwnerMode(path, &st, kind)
+	if st.Mode&0o022 != 0 && !(stickyOK && st.Mode&unix.S_ISVTX != 0) {
+		return fmt.Errorf("group- or world-writable (mode %04o)", st.Mode&0o7777)
+	}
+	return nil
 }
 
 func fileKind(mode uint32) string {
@@ -166,6 +201,8 @@ func errnoText(err error) string {
 		return "a path component is not a directory"
 	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
 		return "permission denied"
+	case errors.Is(err, unix.ENAMETOOLONG):
+		return "name too long"
 	}
 	return err.Error()
 }

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
+	"strings"
 )
 
 // maxJSONDepth bounds nesting so hostile input cannot make the walk expensive.
@@ -104,13 +106,49 @@ func decodeFields(raw []byte, fields map[string]any, allowUnknown bool) error {
 	return nil
 }
 
+// describeJSONError says what JSON was expected in JSON's own words: the
+// decoder's message names Go types (map[string]json.RawMessage), which
+// mean nothing to whoever wrote the annotation or record.
 func describeJSONError(err error) error {
 	var te *json.UnmarshalTypeError
 	if errors.As(err, &te) {
 		if te.Field != "" {
-			return fmt.Errorf("field %q: JSON %s where %s is expected", te.Field, te.Value, te.Type)
+			return fmt.Errorf("field %q: JSON %s where %s is expected", te.Field, te.Value, jsonKind(te.Type))
 		}
-		return fmt.Errorf("JSON %s where %s is expected", te.Value, te.Type)
+		return fmt.Errorf("JSON %s where %s is expected", te.Value, jsonKind(te.Type))
+	}
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Errorf("invalid JSON at byte %d: %s", se.Offset, strings.TrimPrefix(se.Error(), "json: "))
 	}
 	return err
+}
+
+// jsonKind names the JSON value a Go type decodes from.
+func jsonKind(t reflect.Type) string {
+	if t == nil {
+		return "a value"
+	}
+	if t == reflect.TypeFor[json.RawMessage]() {
+		return "a value"
+	}
+	switch t.Kind() {
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return "an integer"
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a non-negative integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	}
+	return "another type"
 }

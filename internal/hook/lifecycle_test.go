@@ -54,7 +54,7 @@ func TestSameContainerIDSerialized(t *testing.T) {
 	if !strings.Contains(e.logBuf.String(), "detach deferred") {
 		t.Errorf("teardown did not act on the record:\n%s", e.logBuf)
 	}
-	if r, _ := openTestStore(t, e).Read("same"); r != nil {
+	if r, _ := e.recordOf(t, "same"); r != nil {
 		t.Error("record left")
 	}
 
@@ -73,7 +73,7 @@ func TestSameContainerIDSerialized(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	rec, err := openTestStore(t, e).Read("same-twice")
+	rec, err := e.recordOf(t, "same-twice")
 	if err != nil || rec == nil || len(rec.Mounts) != 1 {
 		t.Fatalf("record %+v %v (setup errors %v)", rec, err, errs)
 	}
@@ -171,7 +171,7 @@ func TestGC(t *testing.T) {
 	// A stale record from a previous boot: its pid does not exist (or has
 	// another start time).
 	stale := &Record{ID: "gc-stale", InitPid: 1, InitStartTime: 1 << 40, Mounts: []MountRecord{{
-		LoopName: "loop999999", LoopMajor: 7, LoopMinor: 999999, Diskseq: 1, Phase: PhaseMounted,
+		ImageDev: 1, ImageIno: 2, Device: "/dev/loop999999", Devnum: loopdev.Devnum(unix.Mkdev(7, 999999)), DiskSeq: 1, Phase: PhaseMounted,
 	}}}
 	if err := store.Write("gc-stale", stale); err != nil {
 		t.Fatal(err)
@@ -195,13 +195,13 @@ func TestGC(t *testing.T) {
 	want := map[string][]string{
 		"removed": {"gc-dead", "gc-stale"}, "live": {"gc-live"}, "busy": {"gc-busy"}, "corrupt": {"gc-corrupt"},
 	}
-	got := map[string][]string{"removed": res.Removed, "live": res.Live, "busy": res.Busy, "corrupt": res.Corrupt}
+	got := map[string][]string{"removed": ids(res.Removed), "live": ids(res.Live), "busy": ids(res.Busy), "corrupt": ids(res.Corrupt)}
 	for k := range want {
 		if strings.Join(got[k], ",") != strings.Join(want[k], ",") {
 			t.Errorf("gc %s = %v, want %v", k, got[k], want[k])
 		}
 	}
-	if r, _ := store.Read("gc-live"); r == nil {
+	if r, _ := e.recordOf(t, "gc-live"); r == nil {
 		t.Error("live record removed")
 	}
 	if _, err := os.Stat(filepath.Join(e.cfg.StateDir, "gc-corrupt.json")); err != nil {
@@ -212,7 +212,7 @@ func TestGC(t *testing.T) {
 	live.Kill()
 	waitUnbound(t, e.cfg.Images["squashfs"].Path)
 	res, err = e.hook.GC(ctxT(t))
-	if err != nil || strings.Join(res.Removed, ",") != "gc-live" {
+	if err != nil || strings.Join(ids(res.Removed), ",") != "gc-live" {
 		t.Fatalf("second gc: %+v %v", res, err)
 	}
 }
@@ -235,7 +235,7 @@ func TestSharedDestinationRefused(t *testing.T) {
 	if b := boundTo(t, e.cfg.Images["squashfs"].Path); len(b) != 0 {
 		t.Errorf("image still bound: %v", b)
 	}
-	if r, _ := openTestStore(t, e).Read("shared"); r != nil {
+	if r, _ := e.recordOf(t, "shared"); r != nil {
 		t.Error("record left")
 	}
 }
@@ -313,23 +313,25 @@ func TestExt4DirtyJournal(t *testing.T) {
 	}
 }
 
-// Restart (check 22): a second setup for the same id replaces the record
-// after tearing the previous one down; nothing of the first run leaks.
+// Restart (check 22): a second setup for the same id and bundle replaces
+// the record after tearing the previous one down; nothing of the first run
+// leaks.
 func TestRestartSameID(t *testing.T) {
 	e := newTestEnv(t)
 	c1 := e.newFakeContainer("r1", true, nil)
 	if err := e.hook.Setup(ctxT(t), c1.state("restart", StatusCreating, ann("squashfs", "/data")), nil); err != nil {
 		t.Fatal(err)
 	}
-	first, _ := openTestStore(t, e).Read("restart")
+	first, _ := e.recordOf(t, "restart")
 	c1.Kill()
 	waitUnbound(t, e.cfg.Images["squashfs"].Path)
 	c2 := e.newFakeContainer("r2", true, nil)
+	c2.Bundle = c1.Bundle
 	if err := e.hook.Setup(ctxT(t), c2.state("restart", StatusCreating, ann("squashfs", "/data")), nil); err != nil {
 		t.Fatal(err)
 	}
-	second, _ := openTestStore(t, e).Read("restart")
-	if first == nil || second == nil || second.InitPid != c2.Pid || second.Mounts[0].Diskseq == first.Mounts[0].Diskseq {
+	second, _ := e.recordOf(t, "restart")
+	if first == nil || second == nil || second.InitPid != c2.Pid || second.Mounts[0].DiskSeq == first.Mounts[0].DiskSeq {
 		t.Fatalf("record not fresh: %+v then %+v", first, second)
 	}
 	if n := len(boundTo(t, e.cfg.Images["squashfs"].Path)); n != 1 {
@@ -365,7 +367,16 @@ func TestBuiltInDefaults(t *testing.T) {
 	if err := h.Teardown(ctxT(t), c.state("defaults", StatusStopped, nil)); err != nil {
 		t.Fatal(err)
 	}
-	if r, _ := openTestStore(t, e).Read("defaults"); r != nil {
+	if r, _ := e.recordOf(t, "defaults"); r != nil {
 		t.Error("record left")
 	}
+}
+
+// ids strips the bundle hash from state names (these test ids have no dot).
+func ids(names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i], _, _ = strings.Cut(n, ".")
+	}
+	return out
 }

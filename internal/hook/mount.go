@@ -1,10 +1,8 @@
 package hook
 
 import (
-	"errors"
 	"fmt"
 	"os"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -75,27 +73,3 @@ func fsError(fsfd int, err error) error {
 	}
 	return fmt.Errorf("%w (kernel: %s)", err, msg)
 }
-
-// mountInfoShared reports whether the mount with id mntID is shared
-// ("shared:N" optional field) in the given mountinfo text.
-func mountInfoShared(mountinfo []byte, mntID uint64) (found, shared bool) {
-	id := strconv.FormatUint(mntID, 10)
-	for _, line := range strings.Split(string(mountinfo), "\n") {
-		fields := strings.Fields(line)
-		if len(fields) < 7 || fields[0] != id {
-			continue
-		}
-		for _, f := range fields[6:] {
-			if f == "-" {
-				break
-			}
-			if strings.HasPrefix(f, "shared:") {
-				return true, true
-			}
-		}
-		return true, false
-	}
-	return false, false
-}
-
-var errNoMountID = errors.New("mount id not found in mountinfo")

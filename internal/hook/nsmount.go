@@ -3,11 +3,17 @@ package hook
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/pkg/config"
 )
 
 // Placement says where and how a detached mount is attached in the container.
@@ -16,14 +22,22 @@ type Placement struct {
 	Dest       string // clean absolute destination inside the rootfs
 	InRoot     bool   // follow symlinks in-root (dest_symlinks = "in-root") instead of refusing them
 	CreateDest bool
+	// AllowedPrefixes are dest_allowed_prefixes: the resolved destination,
+	// not only the requested string, must lie below one of them.
+	AllowedPrefixes []string
 }
 
-// inNamespace runs fn on a dedicated, locked OS thread that has entered the
-// container's mount namespace. The thread unshares its fs_struct first
-// (setns(CLONE_NEWNS) fails with EINVAL otherwise in a multi-threaded
-// process) and is discarded afterwards: the goroutine exits without
-// UnlockOSThread, so the runtime kills the tainted thread.
+// inNamespace runs fn on a throwaway thread that has entered the
+// container's mount namespace.
 func (c *Container) inNamespace(fn func() error) error {
+	return onThrowawayThread(func() error { return c.enterAndRun(fn) })
+}
+
+// onThrowawayThread runs fn on a dedicated, locked OS thread other than the
+// main thread, for namespace changes that must not leak into the rest of
+// the process. The thread is discarded afterwards: the goroutine exits
+// without UnlockOSThread, so the runtime kills the tainted thread.
+func onThrowawayThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -36,12 +50,12 @@ func (c *Container) inNamespace(fn func() error) error {
 			go func() {
 				defer close(done)
 				runtime.LockOSThread()
-				errc <- c.enterAndRun(fn)
+				errc <- fn()
 			}()
 			<-done
 			return
 		}
-		errc <- c.enterAndRun(fn)
+		errc <- fn()
 	}()
 	return <-errc
 }
@@ -66,23 +80,39 @@ func (c *Container) enterAndRun(fn func() error) error {
 // the container namespace is the host root and the image author controls
 // every component below the rootfs: each destination is resolved with
 // openat2 RESOLVE_IN_ROOT relative to the rootfs fd (refusing all symlinks
-// unless InRoot), checked not to sit on a shared mount, and later the mount
-// is attached to that very fd, never to a path string (CVE-2021-30465).
+// unless InRoot), its resolved location is checked against the same policy
+// as the requested string (an in-root "data -> /sys" symlink must not reach
+// the container's /sys), it is checked not to sit on a shared mount, and
+// later the mount is attached to that very fd, never to a path string
+// (CVE-2021-30465). Destinations that resolve nested in one another are
+// refused: the inner mount would land on the rootfs under the outer one,
+// hidden, yet holding a loop device.
 func (c *Container) ResolveDests(ps []Placement) ([]*os.File, error) {
 	var fds []*os.File
 	err := c.inNamespace(func() error {
+		resolved := make([]string, 0, len(ps))
 		for _, p := range ps {
 			rootfd, err := unix.Open(p.Rootfs, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 			if err != nil {
 				return fmt.Errorf("open container rootfs %s: %s", p.Rootfs, errnoText(err))
 			}
 			destfd, err := resolveDest(rootfd, p)
+			if err != nil {
+				unix.Close(rootfd)
+				return err
+			}
+			fds = append(fds, os.NewFile(uintptr(destfd), p.Dest))
+			rel, err := checkResolved(rootfd, destfd, p)
 			unix.Close(rootfd)
 			if err != nil {
 				return err
 			}
-			f := os.NewFile(uintptr(destfd), p.Dest)
-			fds = append(fds, f)
+			for j, q := range resolved {
+				if config.HasPathPrefix(rel, q) || config.HasPathPrefix(q, rel) {
+					return invalidf("destinations %s and %s are nested (they resolve to %s and %s); nested destinations are refused", ps[j].Dest, p.Dest, q, rel)
+				}
+			}
+			resolved = append(resolved, rel)
 			if err := checkNotShared(destfd, p.Dest); err != nil {
 				return err
 			}
@@ -96,6 +126,67 @@ func (c *Container) ResolveDests(ps []Placement) ([]*os.File, error) {
 		return nil, err
 	}
 	return fds, nil
+}
+
+// checkResolved returns where destfd lies inside the rootfs and applies the
+// destination policy to that location. The kernel's name for the fd
+// (/proc/thread-self/fd, this thread being in the container's namespace) is
+// trusted only after the name, resolved again without any symlink, leads
+// back to the same inode on the same mount: a rename racing the readlink
+// cannot make a denied directory pass for an allowed one.
+func checkResolved(rootfd, destfd int, p Placement) (string, error) {
+	rootPath, err := os.Readlink("/proc/thread-self/fd/" + strconv.Itoa(rootfd))
+	if err != nil {
+		return "", fmt.Errorf("locate container rootfs %s: %w", p.Rootfs, err)
+	}
+	destPath, err := os.Readlink("/proc/thread-self/fd/" + strconv.Itoa(destfd))
+	if err != nil {
+		return "", fmt.Errorf("locate destination %s: %w", p.Dest, err)
+	}
+	rel := "/"
+	if destPath != rootPath {
+		r, ok := strings.CutPrefix(destPath, strings.TrimSuffix(rootPath, "/")+"/")
+		if !ok || r == "" {
+			return "", refusedf("destination %s escapes the container root", p.Dest)
+		}
+		rel = "/" + r
+	}
+	again, err := openat2Retry(rootfd, rel, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		return "", refusedf("destination %s: resolved location %s cannot be reopened: %s", p.Dest, truncate(rel, 128), errnoText(err))
+	}
+	same, err := sameMountAndInode(again, destfd)
+	unix.Close(again)
+	if err != nil {
+		return "", fmt.Errorf("destination %s: %w", p.Dest, err)
+	}
+	if !same {
+		return "", refusedf("destination %s changed while being resolved", p.Dest)
+	}
+	if rel != p.Dest {
+		if config.IsDeniedDest(rel) {
+			return "", refusedf("destination %s resolves to %s, which is always denied", p.Dest, truncate(rel, 128))
+		}
+		if !slices.ContainsFunc(p.AllowedPrefixes, func(pre string) bool { return config.HasPathPrefix(rel, pre) }) {
+			return "", refusedf("destination %s resolves to %s, which is not below an allowed prefix (%s)", p.Dest, truncate(rel, 128), strings.Join(p.AllowedPrefixes, ", "))
+		}
+	}
+	return rel, nil
+}
+
+func sameMountAndInode(a, b int) (bool, error) {
+	var sa, sb unix.Statx_t
+	const mask = unix.STATX_INO | unix.STATX_MNT_ID
+	if err := unix.Statx(a, "", unix.AT_EMPTY_PATH, mask, &sa); err != nil {
+		return false, fmt.Errorf("statx: %w", err)
+	}
+	if err := unix.Statx(b, "", unix.AT_EMPTY_PATH, mask, &sb); err != nil {
+		return false, fmt.Errorf("statx: %w", err)
+	}
+	return sa.Ino == sb.Ino && sa.Dev_major == sb.Dev_major && sa.Dev_minor == sb.Dev_minor && sa.Mnt_id == sb.Mnt_id, nil
 }
 
 // MoveInto attaches the detached mount mnt onto the destination fd from
@@ -139,6 +230,8 @@ func resolveDest(rootfd int, p Placement) (int, error) {
 			return -1, refusedf("destination %s is not a directory", p.Dest)
 		case errors.Is(err, unix.EXDEV):
 			return -1, refusedf("destination %s escapes the container root", p.Dest)
+		case errors.Is(err, unix.ENAMETOOLONG):
+			return -1, invalidf("destination %s: a component is longer than %d bytes, or the path longer than %d", truncate(p.Dest, 128), unix.NAME_MAX, maxDestLen)
 		}
 		return -1, fmt.Errorf("resolve destination %s: %w", p.Dest, err)
 	}
@@ -183,13 +276,31 @@ func mkdirInRoot(rootfd int, dest string, how *unix.OpenHow) error {
 			return refusedf("destination %s: open %s: %s", dest, parent, errnoText(err))
 		}
 		err = unix.Mkdirat(pfd, part, 0o755)
+		if err == nil {
+			// mkdirat applies the hook's umask (077): a non-root container
+			// user would get EACCES below a 0700 directory.
+			err = chmodCreated(pfd, part, 0o755)
+		} else if errors.Is(err, unix.EEXIST) {
+			err = nil // created meanwhile by somebody else: not ours to chmod
+		}
 		unix.Close(pfd)
-		if err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("destination %s: create %s: %w", dest, next, err)
+		if err != nil {
+			return fmt.Errorf("destination %s: create %s: %s", dest, next, errnoText(err))
 		}
 		parent = next
 	}
 	return nil
+}
+
+// chmodCreated sets the mode of the directory just created as name in
+// dirfd, through an fd that does not follow a symlink swapped in meanwhile.
+func chmodCreated(dirfd int, name string, mode uint32) error {
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return unix.Fchmod(fd, mode)
 }
 
 // checkNotShared refuses a destination whose mount is shared: a mount made
@@ -204,16 +315,32 @@ func checkNotShared(destfd int, dest string) error {
 	}
 	// thread-self: this thread is in the container's namespace, the process
 	// leader is not.
-	info, err := os.ReadFile("/proc/thread-self/mountinfo")
+	f, err := os.Open("/proc/thread-self/mountinfo")
 	if err != nil {
 		return fmt.Errorf("read container mountinfo: %w", err)
 	}
-	found, shared := mountInfoShared(info, stx.Mnt_id)
+	defer f.Close()
+	found, shared, err := mountShared(f, int(stx.Mnt_id))
+	if err != nil {
+		return fmt.Errorf("read container mountinfo: %w", err)
+	}
 	if !found {
-		return fmt.Errorf("destination %s: %w", dest, errNoMountID)
+		return fmt.Errorf("destination %s: mount id %d not found in the container's mountinfo", dest, stx.Mnt_id)
 	}
 	if shared {
 		return refusedf("destination %s is on a shared mount (it would propagate out of the container)", dest)
 	}
 	return nil
+}
+
+// mountShared reports whether the mount with id is in the mountinfo text r
+// and has a "shared:N" optional field.
+func mountShared(r io.Reader, id int) (found, shared bool, err error) {
+	mounts, err := mountinfo.GetMountsFromReader(r, func(m *mountinfo.Info) (skip, stop bool) {
+		return m.ID != id, m.ID == id
+	})
+	if err != nil || len(mounts) == 0 {
+		return false, false, err
+	}
+	return true, slices.ContainsFunc(strings.Fields(mounts[0].Optional), func(f string) bool { return strings.HasPrefix(f, "shared:") }), nil
 }

@@ -62,13 +62,21 @@ func TestParseStateAccepts(t *testing.T) {
 
 func TestStateName(t *testing.T) {
 	for id, want := range map[string]string{"abc-1.2_x+y": "abc-1.2_x+y", ".": "", "..": "", "a b": "", "é": ""} {
-		got := StateName(id)
+		name := StateName(id, "/b1")
+		got, sep := name[:len(name)-17], name[len(name)-17]
 		if want != "" && got != want {
 			t.Errorf("StateName(%q) = %q", id, got)
 		}
 		if want == "" && (len(got) != 64 || strings.ContainsAny(got, "/.")) {
 			t.Errorf("StateName(%q) = %q, want a hash", id, got)
 		}
+		if sep != '.' {
+			t.Errorf("StateName(%q) = %q lacks the bundle hash", id, name)
+		}
+	}
+	// The same id under two runc roots is two containers (two bundles).
+	if StateName("c1", "/run/a/c1") == StateName("c1", "/run/b/c1") {
+		t.Error("two bundles share a state name")
 	}
 }
 
@@ -220,7 +228,7 @@ func TestDestinationTricks(t *testing.T) {
 
 func TestParseRecord(t *testing.T) {
 	good := `{"tool_version":"v","id":"c1","bundle":"/b","init_pid":5,"init_start_time":9,"mnt_ns_inode":4,"created":"2026-01-01T00:00:00Z",
-	"mounts":[{"name":"ds","image_path":"/i","image_dev":1,"image_ino":2,"image_size":3,"fstype":"squashfs","mode":"ro","dest":"/data","loop_name":"loop3","loop_major":7,"loop_minor":3,"diskseq":77,"phase":"mounted"}]}`
+	"mounts":[{"name":"ds","image_path":"/i","image_dev":1,"image_ino":2,"image_size":3,"fstype":"squashfs","mode":"ro","dest":"/data","device":"/dev/loop3","devnum":"7:3","diskseq":77,"phase":"mounted"}]}`
 	r, err := ParseRecord([]byte(good))
 	if err != nil {
 		t.Fatal(err)
@@ -230,12 +238,17 @@ func TestParseRecord(t *testing.T) {
 		t.Fatalf("%+v", lr)
 	}
 	for name, bad := range map[string]string{
-		"unknown":   strings.Replace(good, `"bundle"`, `"bundel"`, 1),
-		"dup":       strings.Replace(good, `"bundle":"/b"`, `"bundle":"/b","bundle":"/c"`, 1),
-		"loop name": strings.Replace(good, `"loop3"`, `"../sda"`, 1),
-		"phase":     strings.Replace(good, `"mounted"`, `"x"`, 1),
-		"id":        strings.Replace(good, `"c1"`, `"a/b"`, 1),
-		"trailing":  good + "{}",
+		"unknown": strings.Replace(good, `"bundle"`, `"bundel"`, 1),
+		"dup":     strings.Replace(good, `"bundle":"/b"`, `"bundle":"/b","bundle":"/c"`, 1),
+		"device":  strings.Replace(good, `"/dev/loop3"`, `"/dev/sda"`, 1),
+		"devnum":  strings.Replace(good, `"7:3"`, `"0:0"`, 1),
+		// A zero identity would match whatever now sits on the device,
+		// even with require_diskseq (issue 12, finding 4).
+		"zero identity": strings.Replace(strings.Replace(good, `"image_dev":1,"image_ino":2`, `"image_dev":0,"image_ino":0`, 1), `"diskseq":77`, `"diskseq":0`, 1),
+		"type":          strings.Replace(good, `"init_pid":5`, `"init_pid":"5"`, 1),
+		"phase":         strings.Replace(good, `"mounted"`, `"x"`, 1),
+		"id":            strings.Replace(good, `"c1"`, `"a/b"`, 1),
+		"trailing":      good + "{}",
 	} {
 		if _, err := ParseRecord([]byte(bad)); err == nil {
 			t.Errorf("%s: accepted", name)

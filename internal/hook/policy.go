@@ -13,8 +13,6 @@ import (
 type Plan struct {
 	Name      string // catalog name; empty for a raw path
 	ImagePath string // absolute path of the image, for records and logs
-	Dir       string // trusted directory the image is opened beneath
-	Rel       string // image path relative to Dir, no ".." and no symlinks allowed
 	FSType    string // declared fstype; empty = detect from the magic (raw paths)
 	RW        bool
 	Noexec    bool
@@ -49,6 +47,12 @@ func MakePlans(cfg *config.Hook, reqs []Request) ([]Plan, error) {
 			if q.Dest == p.Dest {
 				return nil, invalidf("destination %s requested twice", p.Dest)
 			}
+			// The inner mount would land on the rootfs under the outer one:
+			// invisible, yet holding a loop device. ResolveDests checks the
+			// resolved locations the same way.
+			if config.HasPathPrefix(p.Dest, q.Dest) || config.HasPathPrefix(q.Dest, p.Dest) {
+				return nil, invalidf("destinations %s and %s are nested; nested destinations are refused", q.Dest, p.Dest)
+			}
 			if q.ImagePath == p.ImagePath && (q.RW || p.RW) {
 				return nil, refusedf("image %q requested twice with rw", r.Image)
 			}
@@ -56,6 +60,13 @@ func MakePlans(cfg *config.Hook, reqs []Request) ([]Plan, error) {
 		plans = append(plans, p)
 	}
 	return plans, nil
+}
+
+func (p Plan) displayName() string {
+	if p.Name != "" {
+		return p.Name
+	}
+	return p.ImagePath
 }
 
 func planImage(cfg *config.Hook, r Request) (Plan, error) {
@@ -73,8 +84,6 @@ func planImage(cfg *config.Hook, r Request) (Plan, error) {
 		return Plan{
 			Name:      r.Image,
 			ImagePath: img.Path,
-			Dir:       filepath.Dir(img.Path),
-			Rel:       filepath.Base(img.Path),
 			FSType:    img.FSType,
 			RW:        r.RW,
 			Noexec:    r.Noexec || img.Noexec,
@@ -93,8 +102,6 @@ func planImage(cfg *config.Hook, r Request) (Plan, error) {
 		if r.Image != d && config.HasPathPrefix(r.Image, d) {
 			return Plan{
 				ImagePath: r.Image,
-				Dir:       d,
-				Rel:       strings.TrimPrefix(r.Image, d+"/"),
 				Noexec:    r.Noexec,
 			}, nil
 		}
@@ -108,7 +115,7 @@ func planImage(cfg *config.Hook, r Request) (Plan, error) {
 // job (resolveDest), never this string check's.
 func CheckDest(cfg *config.Hook, untrusted string) (string, error) {
 	if len(untrusted) > maxDestLen {
-		return "", invalidf("destination longer than %d bytes", maxDestLen)
+		return "", invalidf("destination longer than %d bytes (PATH_MAX)", maxDestLen)
 	}
 	if strings.ContainsRune(untrusted, 0) {
 		return "", invalidf("destination %q contains a NUL byte", truncate(untrusted, 128))

@@ -7,8 +7,6 @@ import (
 	"regexp"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
@@ -35,32 +33,31 @@ type Record struct {
 
 // MountRecord identifies one loop binding and where it was mounted.
 type MountRecord struct {
-	Name      string `json:"name"`
-	ImagePath string `json:"image_path"`
-	ImageDev  uint64 `json:"image_dev"`
-	ImageIno  uint64 `json:"image_ino"`
-	ImageSize int64  `json:"image_size"`
-	FSType    string `json:"fstype"`
-	Mode      string `json:"mode"`
-	Dest      string `json:"dest"`
-	LoopName  string `json:"loop_name"`
-	LoopMajor uint32 `json:"loop_major"`
-	LoopMinor uint32 `json:"loop_minor"`
-	Diskseq   uint64 `json:"diskseq"`
-	Phase     string `json:"phase"`
+	Name      string         `json:"name"`
+	ImagePath string         `json:"image_path"` // the file attached, resolved without symlinks
+	ImageDev  uint64         `json:"image_dev"`
+	ImageIno  uint64         `json:"image_ino"`
+	ImageSize int64          `json:"image_size"`
+	FSType    string         `json:"fstype"`
+	Mode      string         `json:"mode"`
+	Dest      string         `json:"dest"`
+	Device    string         `json:"device"`
+	Devnum    loopdev.Devnum `json:"devnum"`
+	DiskSeq   uint64         `json:"diskseq"`
+	Phase     string         `json:"phase"`
 }
 
 // LoopRecord is the identity pkg/loopdev's guarded detach works from.
 func (m MountRecord) LoopRecord() loopdev.Record {
 	return loopdev.Record{
-		Path:    "/dev/" + m.LoopName,
-		Devnum:  loopdev.Devnum(unix.Mkdev(m.LoopMajor, m.LoopMinor)),
-		DiskSeq: m.Diskseq,
+		Path:    m.Device,
+		Devnum:  m.Devnum,
+		DiskSeq: m.DiskSeq,
 		Backing: loopdev.BackingID{Dev: m.ImageDev, Ino: m.ImageIno},
 	}
 }
 
-var loopName = regexp.MustCompile(`^loop[0-9]{1,7}$`)
+var loopDevice = regexp.MustCompile(`^/dev/loop[0-9]{1,7}$`)
 
 // ParseRecord decodes a state record strictly (no unknown fields, no
 // duplicate keys, no trailing data) and validates the fields teardown acts on.
@@ -84,8 +81,16 @@ func ParseRecord(data []byte) (*Record, error) {
 		return nil, fmt.Errorf("negative init_pid")
 	}
 	for i, m := range r.Mounts {
-		if !loopName.MatchString(m.LoopName) {
-			return nil, fmt.Errorf("mounts[%d]: invalid loop_name %q", i, truncate(m.LoopName, 32))
+		if !loopDevice.MatchString(m.Device) {
+			return nil, fmt.Errorf("mounts[%d]: invalid device %q", i, truncate(m.Device, 32))
+		}
+		if m.Devnum == 0 {
+			return nil, fmt.Errorf("mounts[%d]: devnum is 0", i)
+		}
+		// Setup always records the image's dev/ino; a zero identity would
+		// make the guarded detach match whatever now sits on the device.
+		if m.ImageDev == 0 && m.ImageIno == 0 {
+			return nil, fmt.Errorf("mounts[%d]: image_dev and image_ino are 0 (no backing identity)", i)
 		}
 		if m.Phase != PhaseAttached && m.Phase != PhaseMounted {
 			return nil, fmt.Errorf("mounts[%d]: invalid phase %q", i, truncate(m.Phase, 32))

@@ -6,14 +6,17 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
 // MaxAnnotationValue caps every annotation value the hook reads.
 const MaxAnnotationValue = 4096
 
-// maxDestLen caps a destination (PATH_MAX).
-const maxDestLen = 4096
+// maxDestLen caps a destination or image path: PATH_MAX (4096) counts the
+// terminating NUL, so a 4096-byte path already fails with ENAMETOOLONG.
+const maxDestLen = unix.PathMax - 1
 
 // Request is one mount asked for by an annotation or a --mount argument.
 // Nothing in it is trusted until policy turns it into a Plan.
@@ -104,7 +107,7 @@ func parseMountList(key, untrusted string, maxMounts int) ([]Request, error) {
 	}
 	var items []json.RawMessage
 	if err := json.Unmarshal(data, &items); err != nil {
-		return nil, invalidf("annotation %s: expected a JSON array of objects: %v", key, err)
+		return nil, invalidf("annotation %s: %v", key, describeJSONError(err))
 	}
 	if len(items) == 0 {
 		return nil, invalidf("annotation %s: empty list", key)
@@ -179,7 +182,7 @@ func checkRequestSyntax(r Request) error {
 		return invalidf("image %q is not a valid catalog name", truncate(r.Image, 64))
 	}
 	if len(r.Dest) > maxDestLen {
-		return invalidf("destination longer than %d bytes", maxDestLen)
+		return invalidf("destination longer than %d bytes (PATH_MAX)", maxDestLen)
 	}
 	if strings.ContainsRune(r.Dest, 0) {
 		return invalidf("destination %q contains a NUL byte", truncate(r.Dest, 128))

@@ -1,6 +1,7 @@
 package hook
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"testing"
@@ -112,9 +113,9 @@ func TestMountInfoShared(t *testing.T) {
 30 27 0:27 / /x rw master:3 shared:9 - tmpfs tmpfs rw
 31 27 0:27 / /y rw master:3 - tmpfs tmpfs rw
 `)
-	for id, want := range map[uint64][2]bool{22: {true, true}, 27: {true, false}, 30: {true, true}, 31: {true, false}, 99: {false, false}} {
-		found, shared := mountInfoShared(info, id)
-		if found != want[0] || shared != want[1] {
+	for id, want := range map[int][2]bool{22: {true, true}, 27: {true, false}, 30: {true, true}, 31: {true, false}, 99: {false, false}} {
+		found, shared, err := mountShared(bytes.NewReader(info), id)
+		if err != nil || found != want[0] || shared != want[1] {
 			t.Errorf("id %d: found %t shared %t", id, found, shared)
 		}
 	}

@@ -25,13 +25,14 @@ func (u *undoStack) run() {
 	*u = nil
 }
 
-// Setup runs the setup algorithm of oci-hook-spec section 7.7 for the
-// container in st, with the admin's --mount requests in args. Each resource
-// registers its undo as soon as it exists; on failure everything is undone in
-// reverse, because podman runs no poststop after a failed setup.
+// Setup mounts the requested images into the container in st, with the
+// admin's --mount requests in args. Each resource registers its undo as soon
+// as it exists; on failure everything is undone in reverse, because podman
+// runs no poststop after a failed setup.
 func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error) {
 	start := time.Now()
 	log := h.entry(st, "setup")
+	ctx = withLog(ctx, log)
 	if err := validateSetupStage(st); err != nil {
 		return err
 	}
@@ -50,7 +51,6 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 	if err := CheckRootless(); err != nil {
 		return err
 	}
-
 	images, err := openImages(plans, h.cfg.AllowedFSTypes)
 	defer func() {
 		for _, im := range images {
@@ -60,35 +60,30 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 	if err != nil {
 		return err
 	}
-	store, err := OpenStore(h.cfg.StateDir)
+	ctr, err := PinContainer(st.Pid)
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	name := StateName(st.ID)
-	lock, err := store.Lock(ctx, name)
+	defer ctr.Close()
+	sess, err := h.lockContainer(ctx, st)
 	if err != nil {
 		return err
 	}
-	defer lock.Unlock()
-	// Registered after the lock and store defers so it runs before them.
+	defer sess.unlock(log)
+	// Registered after the unlock so it runs before it.
 	var undo undoStack
 	defer func() {
 		if err != nil {
 			undo.run()
 		}
 	}()
-	if err := h.teardownLocked(ctx, store, name, st.ID, log.WithField("step", "setup-leftover")); err != nil {
+	done, err := h.settlePrevious(ctx, sess, st, ctr, log)
+	if err != nil || done {
 		return err
 	}
 	if err := lockImages(images); err != nil {
 		return err
 	}
-	ctr, err := PinContainer(st.Pid)
-	if err != nil {
-		return err
-	}
-	defer ctr.Close()
 	rootfs, err := rootfsPath(st.Bundle)
 	if err != nil {
 		return err
@@ -96,7 +91,10 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 
 	placements := make([]Placement, len(images))
 	for i, im := range images {
-		placements[i] = Placement{Rootfs: rootfs, Dest: im.Dest, InRoot: h.cfg.DestSymlinks == "in-root", CreateDest: h.cfg.CreateDest}
+		placements[i] = Placement{
+			Rootfs: rootfs, Dest: im.Dest, InRoot: h.cfg.DestSymlinks == "in-root", CreateDest: h.cfg.CreateDest,
+			AllowedPrefixes: h.cfg.DestAllowedPrefixes,
+		}
 	}
 	dests, err := ctr.ResolveDests(placements)
 	if err != nil {
@@ -118,7 +116,7 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 		Created:       time.Now().UTC(),
 	}
 	undo.push(func() {
-		if err := store.Remove(name); err != nil {
+		if err := sess.store.Remove(sess.name); err != nil {
 			log.WithError(err).Warn("rollback: remove state")
 		}
 	})
@@ -126,7 +124,7 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 	var devs []*loopdev.Device
 	for i, im := range images {
 		t0 := time.Now()
-		dev, err := h.attach(ctx, im, st.ID, &undo, log)
+		dev, err := h.attach(ctx, im, sess.name, &undo, log)
 		attachTime += time.Since(t0)
 		if err != nil {
 			return err
@@ -136,14 +134,14 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 		rec.Mounts = append(rec.Mounts, mrec)
 		// Written only after the attach, so every record on disk names a
 		// complete, verifiable binding.
-		if err := store.Write(name, rec); err != nil {
+		if err := sess.store.Write(sess.name, rec); err != nil {
 			return err
 		}
 		if err := h.mountOne(ctr, im, dev, dests[i]); err != nil {
 			return err
 		}
 		rec.Mounts[len(rec.Mounts)-1].Phase = PhaseMounted
-		if err := store.Write(name, rec); err != nil {
+		if err := sess.store.Write(sess.name, rec); err != nil {
 			return err
 		}
 		log.WithFields(logrus.Fields{
@@ -162,6 +160,29 @@ func (h *Hook) Setup(ctx context.Context, st *State, args []Request) (err error)
 		"mounts": len(images), "duration": time.Since(start).String(), "attach_duration": attachTime.String(),
 	}).Info("setup done")
 	return nil
+}
+
+// settlePrevious deals with a record already stored for this container key.
+// The same pid, start time and mount namespace mean an earlier hook stage
+// already did the work (the hook registered as both prestart and
+// createRuntime): done, so that no second mount stacks on the first. A
+// record whose container still runs belongs to another container with the
+// same id and bundle (another runtime root): refused, its mounts are not
+// ours to release. Anything else is a leftover of a run whose poststop never
+// came, torn down first.
+func (h *Hook) settlePrevious(ctx context.Context, sess *session, st *State, ctr *Container, log *logrus.Entry) (done bool, err error) {
+	prev, err := sess.store.Read(sess.name)
+	if err != nil || prev == nil {
+		return false, err
+	}
+	if prev.InitPid == ctr.Pid && prev.InitStartTime == ctr.StartTime && prev.MntNSInode == ctr.MntNSInode {
+		log.WithField("mounts", len(prev.Mounts)).Info("already set up by an earlier hook stage for this container; nothing to do")
+		return true, nil
+	}
+	if alive(prev) {
+		return false, refusedf("another running container (pid %d) with the same id and bundle already has mounts from this hook", prev.InitPid)
+	}
+	return false, h.teardownLocked(ctx, sess, st.ID, log.WithField("step", "setup-leftover"))
 }
 
 func validateSetupStage(st *State) error {
@@ -196,31 +217,33 @@ func openImages(plans []Plan, allowed []string) ([]*Image, error) {
 // tools that take no lock.
 func lockImages(images []*Image) error {
 	for _, im := range images {
-		bound, err := loopdev.FindByBacking(loopdev.BackingID{Dev: im.Dev, Ino: im.Ino})
+		bound, err := loopdev.FindByBacking(im.ImagePath, loopdev.BackingID{Dev: im.Dev, Ino: im.Ino})
 		if err != nil {
 			return fmt.Errorf("list loop devices of %s: %w", im.ImagePath, err)
 		}
 		for _, b := range bound {
-			if im.RW || !b.ReadOnly {
-				return refusedf("image %q is already attached (%s, read-only=%t); rw needs exclusive use", im.displayName(), b.Path, b.ReadOnly)
+			switch {
+			case im.RW:
+				return refusedf("image %q is already attached to %s; rw needs exclusive use", im.displayName(), b.Path)
+			case !b.ReadOnly:
+				return refusedf("image %q is held read-write by %s", im.displayName(), b.Path)
 			}
 		}
 	}
 	return nil
 }
 
-func (im *Image) displayName() string {
-	if im.Name != "" {
-		return im.Name
-	}
-	return im.ImagePath
-}
-
 // attach binds the image to a loop device with autoclear (the default of
 // pkg/loopdev unless Keep): if this process dies, closing its fds frees the
 // device. Rollback detaches it.
-func (h *Hook) attach(ctx context.Context, im *Image, id string, undo *undoStack, log *logrus.Entry) (*loopdev.Device, error) {
-	opts := loopdev.Options{Access: loopdev.AccessReadOnly, FileName: ownerTag(id), BackingLock: loopdev.LockShared}
+func (h *Hook) attach(ctx context.Context, im *Image, name string, undo *undoStack, log *logrus.Entry) (*loopdev.Device, error) {
+	// DirectIO is always set: a nil pointer would let the library pick its
+	// own default, and the hook's only input for this is its config.
+	dio := h.cfg.DirectIO
+	opts := loopdev.Options{
+		Access: loopdev.AccessReadOnly, FileName: ownerTag(name), BackingLock: loopdev.LockShared,
+		DirectIO: &dio, Logger: slogFrom(ctx),
+	}
 	if im.RW {
 		opts.Access, opts.BackingLock = loopdev.AccessReadWrite, loopdev.LockExclusive
 	}
@@ -229,10 +252,17 @@ func (h *Hook) attach(ctx context.Context, im *Image, id string, undo *undoStack
 		return nil, refusedf("image %q is locked by another container (rw and ro never mix)", im.displayName())
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", im.ImagePath, err)
+		// pkg/loopdev's error starts with "attach <backing path>".
+		if im.Name == "" {
+			return nil, err
+		}
+		return nil, fmt.Errorf("image %q: %w", im.Name, err)
 	}
 	undo.push(func() {
-		if err := dev.Detach(); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
+		// A rollback after the deadline still gets a moment to detach.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		if err := dev.Detach(rctx); err != nil && !errors.Is(err, loopdev.ErrDetachDeferred) {
 			log.WithError(err).WithField("device", dev.Path()).Warn("rollback: detach")
 		}
 	})
@@ -245,8 +275,8 @@ func (h *Hook) attach(ctx context.Context, im *Image, id string, undo *undoStack
 	return dev, nil
 }
 
-func ownerTag(id string) string {
-	tag := ownerTagPrefix + StateName(id)
+func ownerTag(name string) string {
+	tag := ownerTagPrefix + name
 	if len(tag) > 63 {
 		tag = tag[:63]
 	}
@@ -264,6 +294,14 @@ func (h *Hook) mountOne(ctr *Container, im *Image, dev *loopdev.Device, dest *os
 		return fmt.Errorf("mount image %q: %w", im.displayName(), err)
 	}
 	defer mnt.Close()
+	if ctr.OwnUserNS {
+		locked, err := lockFlags(mnt, h.cfg.StateDir)
+		if err != nil {
+			return fmt.Errorf("mount image %q: %w", im.displayName(), err)
+		}
+		defer locked.Close()
+		mnt = locked
+	}
 	return ctr.MoveInto(mnt, dest)
 }
 
@@ -272,12 +310,9 @@ func mountRecord(im *Image, dev *loopdev.Device) MountRecord {
 	if im.RW {
 		mode = "rw"
 	}
-	dn := dev.Devnum()
 	return MountRecord{
 		Name: im.Name, ImagePath: im.ImagePath, ImageDev: im.Dev, ImageIno: im.Ino, ImageSize: im.Size,
 		FSType: im.FSType, Mode: mode, Dest: im.Dest,
-		LoopName:  fmt.Sprintf("loop%d", dev.Nr()),
-		LoopMajor: uint32(dn.Major()), LoopMinor: uint32(dn.Minor()),
-		Diskseq: dev.DiskSeq(), Phase: PhaseAttached,
+		Device: dev.Path(), Devnum: dev.Devnum(), DiskSeq: dev.DiskSeq(), Phase: PhaseAttached,
 	}
 }

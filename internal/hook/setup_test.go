@@ -43,9 +43,8 @@ func TestSetupTeardownEachFSType(t *testing.T) {
 			if ro, _ := os.ReadFile("/sys/block/" + devs[0] + "/ro"); strings.TrimSpace(string(ro)) != "1" {
 				t.Errorf("/sys/block/%s/ro = %q, want 1", devs[0], ro)
 			}
-			store := openTestStore(t, e)
-			rec, err := store.Read(StateName(st.ID))
-			if err != nil || rec == nil || len(rec.Mounts) != 1 || rec.Mounts[0].Phase != PhaseMounted || rec.Mounts[0].LoopName != devs[0] {
+			rec, err := e.recordOf(t, st.ID)
+			if err != nil || rec == nil || len(rec.Mounts) != 1 || rec.Mounts[0].Phase != PhaseMounted || rec.Mounts[0].Device != "/dev/"+devs[0] {
 				t.Fatalf("record %+v, %v", rec, err)
 			}
 			c.Kill()
@@ -56,7 +55,7 @@ func TestSetupTeardownEachFSType(t *testing.T) {
 					t.Fatalf("teardown %d: %v", i, err)
 				}
 			}
-			if rec, err := store.Read(StateName(st.ID)); rec != nil || err != nil {
+			if rec, err := e.recordOf(t, st.ID); rec != nil || err != nil {
 				t.Fatalf("record left: %+v %v", rec, err)
 			}
 			// The device went with the namespace; by teardown time another
@@ -110,9 +109,13 @@ func TestSetupRefusesHostMountNamespace(t *testing.T) {
 }
 
 // Check 6: hostile destination symlinks. The default policy refuses before
-// any attach; with dest_symlinks = "in-root" the mount lands inside the
-// rootfs. The host's /etc, the climbed-to host directory and the host
-// mountinfo stay untouched.
+// any attach; with dest_symlinks = "in-root" the symlink is followed inside
+// the rootfs, and the location it reaches must pass the destination policy
+// itself: /etc (not an allowed prefix), the climbed-to host directory (read
+// in-root: <rootfs>/tmp/...) and the always-denied /, /proc, /sys, /dev are
+// refused (issue 12, finding 2); /mnt/real is allowed and the mount lands at
+// <rootfs>/mnt/real. The host's /etc, the climbed-to host directory and the
+// host mountinfo stay untouched.
 func TestDestinationSymlinkEscape(t *testing.T) {
 	hostDir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(hostDir, "marker"), []byte("host\n"), 0o644); err != nil {
@@ -121,10 +124,16 @@ func TestDestinationSymlinkEscape(t *testing.T) {
 	climb := "../../../../../../../../.." + hostDir
 	cases := []struct {
 		name, target string
-		inRootWant   string // where the mount must land, relative to the rootfs
+		inRootWant   string // where the symlink leads, relative to the rootfs
+		inRootErr    string // refusal in in-root mode; "" = the mount lands there
 	}{
-		{"absolute-etc", "/etc", "/etc"},
-		{"climb", climb, hostDir},
+		{"absolute-etc", "/etc", "/etc", "resolves to /etc, which is not below an allowed prefix"},
+		{"climb", climb, hostDir, "resolves to " + hostDir + ", which is not below an allowed prefix"},
+		{"sys", "/sys", "/sys", "resolves to /sys, which is always denied"},
+		{"proc", "../proc", "/proc", "resolves to /proc, which is always denied"},
+		{"dev", "/dev", "/dev", "resolves to /dev, which is always denied"},
+		{"root", "/", "/", "resolves to /, which is always denied"},
+		{"allowed", "/mnt/real", "/mnt/real", ""},
 	}
 	for _, tc := range cases {
 		for _, mode := range []string{"refuse", "in-root"} {
@@ -141,12 +150,21 @@ func TestDestinationSymlinkEscape(t *testing.T) {
 				})
 				hostBefore := hostMountinfo(t, e.dir, hostDir)
 				err := e.hook.Setup(ctxT(t), c.state("sym-"+mode, StatusCreating, ann("squashfs", "/data")), nil)
-				if mode == "refuse" {
+				switch {
+				case mode == "refuse":
 					if ExitCode(err) != 3 || !strings.Contains(err.Error(), "symlink refused") {
 						t.Fatalf("err %v (exit %d), want exit 3 symlink refused", err, ExitCode(err))
 					}
 					assertNothingAttached(t, e)
-				} else {
+				case tc.inRootErr != "":
+					if ExitCode(err) != 3 || !strings.Contains(err.Error(), tc.inRootErr) {
+						t.Fatalf("err %v (exit %d), want exit 3 %q", err, ExitCode(err), tc.inRootErr)
+					}
+					assertNothingAttached(t, e)
+					if c.mountLine(t, tc.inRootWant) != "" {
+						t.Fatalf("mounted at <rootfs>%s", tc.inRootWant)
+					}
+				default:
 					if err != nil {
 						t.Fatalf("setup: %v", err)
 					}
@@ -197,7 +215,7 @@ func TestMultipleMountsAndRollback(t *testing.T) {
 	if opts := strings.Fields(c.mountLine(t, "/data"))[5]; !strings.Contains(opts, "noexec") {
 		t.Errorf("/data options %q lack noexec", opts)
 	}
-	rec, _ := openTestStore(t, e).Read("multi")
+	rec, _ := e.recordOf(t, "multi")
 	if rec == nil || len(rec.Mounts) != 2 {
 		t.Fatalf("record %+v", rec)
 	}

@@ -102,15 +102,20 @@ func validateID(id string) error {
 	return nil
 }
 
-// StateName is the file-name stem for a container id: the id itself when it
-// is a plain runc id (and not "." or ".."), else the hex sha256 of the id, so
-// no id can name a file outside the state directory.
-func StateName(id string) string {
-	if runcID.MatchString(id) && id != "." && id != ".." && len(id) <= 200 {
-		return id
+// StateName is the file-name stem of a container's record and lock: the id
+// itself when it is a plain runc id (and not "." or ".."), else the hex
+// sha256 of the id, so no id can name a file outside the state directory,
+// followed by a hash of the bundle path. The same id under two runc roots or
+// two runtimes is two containers (with two bundles): keyed on the id alone,
+// each one's poststop would tear down the other's mounts.
+func StateName(id, bundle string) string {
+	stem := id
+	if !runcID.MatchString(id) || id == "." || id == ".." || len(id) > 200 {
+		sum := sha256.Sum256([]byte(id))
+		stem = hex.EncodeToString(sum[:])
 	}
-	sum := sha256.Sum256([]byte(id))
-	return hex.EncodeToString(sum[:])
+	b := sha256.Sum256([]byte(bundle))
+	return stem + "." + hex.EncodeToString(b[:8])
 }
 
 func printable(s string) bool {

@@ -17,7 +17,7 @@ import (
 )
 
 // Store is the state directory: one <name>.json record and one <name>.lock
-// per container. Every operation is relative to the directory fd, so a path
+// per container with mounts (the lock file goes with the record). Every operation is relative to the directory fd, so a path
 // swapped after the checks does not redirect writes.
 type Store struct {
 	dir   string
@@ -57,62 +57,109 @@ func (s *Store) Close() error { return unix.Close(s.dirfd) }
 // Dir is the state directory path.
 func (s *Store) Dir() string { return s.dir }
 
-// Lock is a held per-container lock.
-type Lock struct{ f *os.File }
+// Lock is a held per-container lock on <name>.lock.
+type Lock struct {
+	s    *Store
+	name string
+	f    *os.File
+}
 
-// Unlock releases the lock. The lock file stays: removing it would race with
-// waiters that already opened it.
-func (l *Lock) Unlock() error { return l.f.Close() }
+// Unlock releases the lock. When no record of the container remains, the
+// lock file is unlinked first, while still held: a waiter that opened the
+// old file then finds it is no longer the one linked at the path and starts
+// over (see lockFile), so one lock file per container ever run does not
+// pile up.
+func (l *Lock) Unlock() error {
+	var err error
+	if !l.s.hasRecord(l.name) {
+		if uerr := unix.Unlinkat(l.s.dirfd, l.name+".lock", 0); uerr != nil && !errors.Is(uerr, unix.ENOENT) {
+			err = fmt.Errorf("remove lock %s/%s.lock: %w", l.s.dir, l.name, uerr)
+		}
+	}
+	if cerr := l.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (s *Store) hasRecord(name string) bool {
+	var st unix.Stat_t
+	return unix.Fstatat(s.dirfd, name+".json", &st, unix.AT_SYMLINK_NOFOLLOW) == nil
+}
 
 func (s *Store) openLock(name string) (*os.File, error) {
 	fd, err := unix.Openat(s.dirfd, name+".lock", unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC|unix.O_NONBLOCK, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("open lock %s/%s.lock: %w", s.dir, name, err)
+		return nil, fmt.Errorf("open lock %s/%s.lock: %s", s.dir, name, errnoText(err))
 	}
 	return os.NewFile(uintptr(fd), name+".lock"), nil
 }
 
-// Lock takes the per-container lock, polling until ctx is done.
-func (s *Store) Lock(ctx context.Context, name string) (*Lock, error) {
-	f, err := s.openLock(name)
-	if err != nil {
-		return nil, err
+// stillLinked reports whether the locked file f is the one at <name>.lock:
+// the previous holder may have unlinked it while we waited.
+func (s *Store) stillLinked(f *os.File, name string) (bool, error) {
+	var held, linked unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &held); err != nil {
+		return false, fmt.Errorf("fstat lock %s/%s.lock: %w", s.dir, name, err)
 	}
+	if err := unix.Fstatat(s.dirfd, name+".lock", &linked, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, fmt.Errorf("stat lock %s/%s.lock: %w", s.dir, name, err)
+	}
+	return held.Dev == linked.Dev && held.Ino == linked.Ino, nil
+}
+
+// lockFile takes the per-container lock; with wait false it returns
+// ok false at once when somebody else holds it, else it polls until ctx is
+// done.
+func (s *Store) lockFile(ctx context.Context, name string, wait bool) (l *Lock, ok bool, err error) {
 	delay := time.Millisecond
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return &Lock{f: f}, nil
+		f, err := s.openLock(name)
+		if err != nil {
+			return nil, false, err
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			linked, lerr := s.stillLinked(f, name)
+			if lerr != nil {
+				f.Close()
+				return nil, false, lerr
+			}
+			if linked {
+				return &Lock{s: s, name: name, f: f}, true, nil
+			}
 			f.Close()
-			return nil, fmt.Errorf("lock %s/%s.lock: %w", s.dir, name, err)
+			continue // unlinked by its last holder: lock the new file
+		}
+		f.Close()
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			return nil, false, fmt.Errorf("lock %s/%s.lock: %w", s.dir, name, err)
+		}
+		if !wait {
+			return nil, false, nil
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("lock %s/%s.lock: %w", s.dir, name, ctx.Err())
+			return nil, false, fmt.Errorf("lock %s/%s.lock: %w", s.dir, name, ctx.Err())
 		case <-time.After(delay):
 		}
 		delay = min(delay*2, 50*time.Millisecond)
 	}
 }
 
+// Lock takes the per-container lock, polling until ctx is done.
+func (s *Store) Lock(ctx context.Context, name string) (*Lock, error) {
+	l, _, err := s.lockFile(ctx, name, true)
+	return l, err
+}
+
 // TryLock takes the per-container lock without waiting; ok is false when
 // somebody else holds it.
 func (s *Store) TryLock(name string) (l *Lock, ok bool, err error) {
-	f, err := s.openLock(name)
-	if err != nil {
-		return nil, false, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, false, nil
-		}
-		return nil, false, fmt.Errorf("lock %s/%s.lock: %w", s.dir, name, err)
-	}
-	return &Lock{f: f}, true, nil
+	return s.lockFile(context.Background(), name, false)
 }
 
 // Read returns the record of name, or nil when there is none. A record that
@@ -196,7 +243,12 @@ func (s *Store) syncDir() {
 }
 
 // Names lists the names that have a record, sorted.
-func (s *Store) Names() ([]string, error) {
+func (s *Store) Names() ([]string, error) { return s.list(".json") }
+
+// LockNames lists the names that have a lock file, sorted.
+func (s *Store) LockNames() ([]string, error) { return s.list(".lock") }
+
+func (s *Store) list(suffix string) ([]string, error) {
 	fd, err := unix.Openat(s.dirfd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("list %s: %w", s.dir, err)
@@ -209,7 +261,7 @@ func (s *Store) Names() ([]string, error) {
 	}
 	var names []string
 	for _, e := range entries {
-		if n, ok := strings.CutSuffix(e, ".json"); ok && !strings.HasPrefix(e, ".") {
+		if n, ok := strings.CutSuffix(e, suffix); ok && !strings.HasPrefix(e, ".") {
 			names = append(names, n)
 		}
 	}

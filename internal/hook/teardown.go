@@ -11,38 +11,65 @@ import (
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
-// Teardown releases what setup recorded for the container in st (oci-hook-spec
-// section 7.8). It is idempotent: no record, a device already gone or reused
-// by somebody else are all success. Only an unreadable or corrupt record is
-// an error (ErrInvalid), and it is left in place for inspection.
+// Teardown releases what setup recorded for the container in st. It is
+// idempotent: no record, a device already gone or reused by somebody else
+// are all success. Only an unreadable or corrupt record is an error
+// (ErrInvalid), and it is left in place for inspection.
 func (h *Hook) Teardown(ctx context.Context, st *State) error {
 	start := time.Now()
 	log := h.entry(st, "teardown")
+	ctx = withLog(ctx, log)
 	if st.Status != StatusStopped {
 		log.WithField("status", st.Status).Info("teardown called with a status other than stopped")
 	}
-	store, err := OpenStore(h.cfg.StateDir)
+	sess, err := h.lockContainer(ctx, st)
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	name := StateName(st.ID)
-	lock, err := store.Lock(ctx, name)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	if err := h.teardownLocked(ctx, store, name, st.ID, log); err != nil {
+	defer sess.unlock(log)
+	if err := h.teardownLocked(ctx, sess, st.ID, log); err != nil {
 		return err
 	}
 	log.WithField("duration", time.Since(start).String()).Info("teardown done")
 	return nil
 }
 
+// session is the state directory with one container's lock held.
+type session struct {
+	store *Store
+	lock  *Lock
+	name  string
+}
+
+// lockContainer opens the state directory and takes the lock of the
+// container's key (id and bundle), as setup and teardown both start.
+func (h *Hook) lockContainer(ctx context.Context, st *State) (*session, error) {
+	store, err := OpenStore(h.cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	name := StateName(st.ID, st.Bundle)
+	lock, err := store.Lock(ctx, name)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	return &session{store: store, lock: lock, name: name}, nil
+}
+
+// unlock releases the lock (removing the lock file when no record is left)
+// and closes the state directory.
+func (s *session) unlock(log *logrus.Entry) {
+	if err := s.lock.Unlock(); err != nil {
+		log.WithError(err).Warn("unlock state")
+	}
+	s.store.Close()
+}
+
 // teardownLocked does the guarded detach of every device in the record of
-// name and removes the record; the caller holds the container lock.
-func (h *Hook) teardownLocked(ctx context.Context, store *Store, name, id string, log *logrus.Entry) error {
-	rec, err := store.Read(name)
+// the session's key and removes the record; the caller holds the lock.
+func (h *Hook) teardownLocked(ctx context.Context, sess *session, id string, log *logrus.Entry) error {
+	rec, err := sess.store.Read(sess.name)
 	if err != nil {
 		return err
 	}
@@ -51,12 +78,12 @@ func (h *Hook) teardownLocked(ctx context.Context, store *Store, name, id string
 		return nil
 	}
 	if rec.ID != id && id != "" {
-		return invalidf("state file %s/%s.json belongs to container %s", store.Dir(), name, DisplayID(rec.ID))
+		return invalidf("state file %s/%s.json belongs to container %s", sess.store.Dir(), sess.name, DisplayID(rec.ID))
 	}
 	for _, m := range rec.Mounts {
 		h.releaseMount(ctx, m, log)
 	}
-	if err := store.Remove(name); err != nil {
+	if err := sess.store.Remove(sess.name); err != nil {
 		return err
 	}
 	log.WithField("mounts", len(rec.Mounts)).Info("state removed")
@@ -72,7 +99,7 @@ func (h *Hook) releaseMount(ctx context.Context, m MountRecord, log *logrus.Entr
 		"device": rec.Path, "devnum": rec.Devnum.String(), "diskseq": rec.DiskSeq,
 		"backing_file": m.ImagePath, "dest": m.Dest,
 	})
-	err := loopdev.DetachRecord(ctx, rec)
+	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{Logger: slogFrom(withLog(ctx, l))})
 	switch {
 	case err == nil:
 		l.Info("detached")
@@ -101,6 +128,7 @@ type GCResult struct {
 func (h *Hook) GC(ctx context.Context) (GCResult, error) {
 	var res GCResult
 	log := h.log.WithField("step", "gc")
+	ctx = withLog(ctx, log)
 	store, err := OpenStore(h.cfg.StateDir)
 	if err != nil {
 		return res, err
@@ -122,8 +150,13 @@ func (h *Hook) GC(ctx context.Context) (GCResult, error) {
 			res.Busy = append(res.Busy, name)
 			continue
 		}
+		sess := &session{store: store, lock: lock, name: name}
 		func() {
-			defer lock.Unlock()
+			defer func() {
+				if err := lock.Unlock(); err != nil {
+					log.WithError(err).Warn("unlock state")
+				}
+			}()
 			rec, err := store.Read(name)
 			if err != nil {
 				log.WithError(err).Warn("corrupt record left in place")
@@ -138,13 +171,34 @@ func (h *Hook) GC(ctx context.Context) (GCResult, error) {
 				return
 			}
 			l := log.WithField("container_id", rec.ID)
-			if err := h.teardownLocked(ctx, store, name, rec.ID, l); err != nil {
+			if err := h.teardownLocked(ctx, sess, rec.ID, l); err != nil {
 				l.WithError(err).Warn("gc teardown")
 				res.Corrupt = append(res.Corrupt, name)
 				return
 			}
 			res.Removed = append(res.Removed, name)
 		}()
+	}
+	// Lock files without a record (left by a hook killed between lock and
+	// unlock, or by an older version that never removed them): Unlock of a
+	// free lock removes the file.
+	locks, err := store.LockNames()
+	if err != nil {
+		return res, err
+	}
+	for _, name := range locks {
+		if store.hasRecord(name) {
+			continue
+		}
+		lock, ok, err := store.TryLock(name)
+		if err != nil {
+			return res, err
+		}
+		if ok {
+			if err := lock.Unlock(); err != nil {
+				log.WithError(err).Warn("remove stale lock")
+			}
+		}
 	}
 	return res, nil
 }

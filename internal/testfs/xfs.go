@@ -34,7 +34,7 @@ func MountReflinkXFS(t testing.TB, base string, size int64) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := dev.Detach(); err != nil {
+		if err := dev.Detach(context.Background()); err != nil {
 			t.Errorf("detach xfs device: %v", err)
 		}
 	})

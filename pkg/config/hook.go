@@ -31,6 +31,10 @@ type Hook struct {
 	Log                 string               `toml:"log"`
 	TimeoutSeconds      int                  `toml:"timeout_seconds"`
 	Ext4ReadOnlyOptions string               `toml:"ext4_read_only_options"`
+	// DirectIO turns direct I/O on the loop devices on (where the backing
+	// filesystem supports it). The hook reads no environment variable: this
+	// key is the only switch.
+	DirectIO bool `toml:"direct_io"`
 }
 
 // HookImage is one catalog entry.
@@ -72,6 +76,7 @@ func DefaultHook() Hook {
 		Log:                 "syslog",
 		TimeoutSeconds:      10,
 		Ext4ReadOnlyOptions: "noload",
+		DirectIO:            true,
 	}
 }
 

@@ -69,7 +69,7 @@ func attachRound(img string, n int, udev bool) error {
 			// Another program (udevd, another package's List) may hold the
 			// device at the clear: deferred is truthful; the unbind is
 			// checked at the end of the test.
-			if err := d.Detach(); !acceptableDetach(err, true) {
+			if err := d.Detach(bg); !acceptableDetach(err, true) {
 				errs[i] = fmt.Errorf("detach %s: %w", d.Path(), err)
 			}
 		})
@@ -216,7 +216,7 @@ func TestR02_RandomizedBackoff(t *testing.T) {
 			t.Errorf("backoff %d: attempt %d slept %v, want attempt %d in [0, %v)", i, s.attempt, s.d, i+1, bound(i+1))
 		}
 	}
-	if err := d.Detach(); err != nil {
+	if err := d.Detach(bg); err != nil {
 		t.Fatal(err)
 	}
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -11,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
@@ -82,7 +82,11 @@ func attachBacking(ctx context.Context, f *os.File, opts Options, dio bool) (*De
 		f.Close()
 		return nil, fmt.Errorf("attach %s: %w", f.Name(), err)
 	}
-	defer func() { b.file.Close() }()
+	defer func() {
+		if b.file != nil { // nil when the shortcut took it over
+			b.file.Close()
+		}
+	}()
 	b.lock = opts.BackingLock
 	if err := b.lockFile(); err != nil {
 		return nil, fmt.Errorf("attach %s: %w", b.path, err)
@@ -128,9 +132,14 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		d, err := attempt(ctx, nr, b, opts, dio)
 		if err == nil {
 			d.uevents = uev
-			err = finish(ctx, ctl, d, b, opts)
+			err = finish(ctx, d, b, opts)
 			ctl.Close()
 			if err != nil {
+				// The device is ours now: the full teardown, after the
+				// control lock is released (it waits for the device lock).
+				d.mu.Lock()
+				_ = d.teardownLocked(ctx)
+				d.mu.Unlock()
 				return nil, err
 			}
 			return d, nil
@@ -149,7 +158,7 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 			// The kernel did not enable DIO: restart buffered from get-free,
 			// never keep a half-enabled DIO device (5.10 dm-crypt gave EIO).
 			dio = false
-			if err := b.reopenBuffered(); err != nil {
+			if err := b.dropDirect(); err != nil {
 				uev.Close()
 				return nil, err
 			}
@@ -157,7 +166,9 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		// uniform[0, 10ms + 240ms*n/64): systemd's randomized backoff.
 		limit := 10*time.Millisecond + time.Duration(240*float64(time.Millisecond)*float64(n+1)/maxAttempts)
 		sleep := rand.N(limit)
-		log.G(ctx).WithError(err).WithField("attempt", n+1).Debugf("loop attach collided on loop%d, retrying in %v", nr, sleep)
+		loggerOr(opts.Logger).LogAttrs(ctx, slog.LevelDebug, "loop attach collided, retrying",
+			slog.String("device", "/dev/loop"+strconv.Itoa(nr)), slog.Int("attempt", n+1),
+			slog.Duration("backoff", sleep), slog.Any("error", err))
 		if opts.onBackoff != nil {
 			opts.onBackoff(n+1, sleep)
 		}
@@ -189,7 +200,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
-		remove: opts.RemoveDevice}
+		remove: opts.RemoveDevice, log: loggerOr(opts.Logger)}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -251,6 +262,13 @@ func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 	cfg.Size = opts.SectorSize // the kernel's block_size: always explicit, never 0
 	cfg.Info.Offset = opts.Offset
 	cfg.Info.Sizelimit = opts.Size
+	// The kernel counts capacity in 512-byte sectors and keeps a tail that
+	// is not a whole logical block: reading it gives EIO and "Buffer I/O
+	// error" in dmesg. A limit rounded down to the logical block size leaves
+	// none (prepareBacking refused one of zero).
+	if lim := expectedSize(b.size, opts.Offset, opts.Size, opts.SectorSize); lim != expectedSize(b.size, opts.Offset, opts.Size, 512) {
+		cfg.Info.Sizelimit = lim
+	}
 	// AUTOCLEAR always: a crash before the caller decides never leaks a device.
 	// PARTSCAN is deferred (section 5.5) to avoid double scans.
 	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
@@ -271,29 +289,51 @@ func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 // LOOP_CONFIGURE is unsupported or known broken, and verifies the result.
 func configure(ctx context.Context, d *Device, b *backing, opts *Options, cfg unix.LoopConfig, dio bool, bound *bool) error {
 	fd := int(d.file.Fd())
-	if !configureBroken.Load() {
-		err := unix.IoctlLoopConfigure(fd, &cfg)
-		if err == nil {
-			*bound = true
-			if err := opts.fault(stepAttached, d.nr); err != nil {
-				return err
-			}
-			err = verifyConfigured(d, b, opts, dio)
-			if errors.Is(err, errConfigureBroken) {
-				// Never reuse this device in place: the clear may be lazy.
-				configureBroken.Store(true)
-				log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE misapplied its arguments, using LOOP_SET_FD from now on")
-				return fmt.Errorf("%s: %v: %w", d.path, err, unix.EBUSY)
-			}
+	if configureBroken.Load() {
+		return configureLegacy(ctx, d, b, opts, cfg, dio, bound)
+	}
+	err := unix.IoctlLoopConfigure(fd, &cfg)
+	if err == nil {
+		*bound = true
+		if err := opts.fault(stepAttached, d.nr); err != nil {
 			return err
 		}
-		if !unsupportedErrno(err) {
-			return fmt.Errorf("LOOP_CONFIGURE %s: %w", d.path, err)
+		err = verifyConfigured(d, b, opts, dio)
+		if errors.Is(err, errConfigureBroken) {
+			// A kernel that accepts LOOP_CONFIGURE and misapplies it (5.8
+			// ignored PARTSCAN and the size limit) proves itself broken.
+			// Never reuse this device in place: the clear may be lazy.
+			configureBroken.Store(true)
+			d.logger().LogAttrs(ctx, slog.LevelDebug, "LOOP_CONFIGURE misapplied its arguments, using LOOP_SET_FD from now on",
+				slog.String("device", d.path), slog.Any("error", err))
+			return fmt.Errorf("%s: %v: %w", d.path, err, unix.EBUSY)
 		}
-		configureBroken.Store(true)
-		log.G(ctx).WithError(err).Debug("LOOP_CONFIGURE unsupported, using LOOP_SET_FD")
+		return err
 	}
-	// Legacy path on the same, still unbound device.
+	if !unsupportedErrno(err) {
+		return fmt.Errorf("LOOP_CONFIGURE %s: %w", d.path, err)
+	}
+	// EINVAL is also what an unusable backing gives (a procfs file, say):
+	// try the legacy path on the same, still unbound device, and mark
+	// LOOP_CONFIGURE missing process-wide only if that one works. One bad
+	// backing must not cost every later attach the slow path.
+	if lerr := configureLegacy(ctx, d, b, opts, cfg, dio, bound); lerr != nil {
+		if *bound {
+			return lerr
+		}
+		return fmt.Errorf("LOOP_CONFIGURE %s: %w", d.path, err)
+	}
+	configureBroken.Store(true)
+	d.logger().LogAttrs(ctx, slog.LevelDebug, "LOOP_CONFIGURE unsupported, using LOOP_SET_FD",
+		slog.String("device", d.path), slog.Any("error", err))
+	return nil
+}
+
+// configureLegacy binds with LOOP_SET_FD and sets the rest with
+// LOOP_SET_STATUS64, LOOP_SET_BLOCK_SIZE and LOOP_SET_DIRECT_IO, as kernels
+// before 5.8 need.
+func configureLegacy(ctx context.Context, d *Device, b *backing, opts *Options, cfg unix.LoopConfig, dio bool, bound *bool) error {
+	fd := int(d.file.Fd())
 	if err := unix.IoctlSetInt(fd, unix.LOOP_SET_FD, int(cfg.Fd)); err != nil {
 		return fmt.Errorf("LOOP_SET_FD %s: %w", d.path, err)
 	}
@@ -306,6 +346,13 @@ func configure(ctx context.Context, d *Device, b *backing, opts *Options, cfg un
 	info.Flags &= unix.LO_FLAGS_AUTOCLEAR | unix.LO_FLAGS_PARTSCAN
 	if err := setStatusRetry(ctx, fd, &info); err != nil {
 		return fmt.Errorf("LOOP_SET_STATUS64 %s: %w", d.path, err)
+	}
+	if info.Offset != 0 || info.Sizelimit != 0 {
+		// Before 5.0 a new offset or size limit did not invalidate the
+		// page cache of the device (fixed by kernel commit 5db470e229e2,
+		// "loop: drop caches if offset or block_size are changed"); systemd
+		// issues BLKFLSBUF here for the same reason. Best effort.
+		_ = unix.IoctlSetInt(fd, unix.BLKFLSBUF, 0)
 	}
 	if cfg.Size != 0 {
 		_ = unix.IoctlSetInt(fd, unix.LOOP_SET_BLOCK_SIZE, int(cfg.Size)) // verified below
@@ -395,13 +442,7 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 }
 
 // finish runs the post-loop steps with the control lock still held (spec 3.7).
-func finish(ctx context.Context, ctl *ofd, d *Device, b *backing, opts *Options) (retErr error) {
-	defer func() {
-		if retErr != nil {
-			// The device is owned now: full teardown with the control lock we hold.
-			_ = d.teardownLocked(ctx, ctl)
-		}
-	}()
+func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	fd := int(d.file.Fd())
 	if b.isBlock {
 		mirrorDiscard(ctx, b, d)
@@ -457,8 +498,8 @@ func finish(ctx context.Context, ctl *ofd, d *Device, b *backing, opts *Options)
 	if opts.Keep {
 		d.owned = false
 	}
-	log.G(ctx).WithFields(log.Fields{"device": d.path, "devnum": d.devnum.String(), "diskseq": d.diskseq,
-		"backing_file": d.backingPath}).Debug("loop device attached")
+	d.logger().LogAttrs(ctx, slog.LevelDebug, "loop device attached", slog.String("device", d.path),
+		slog.String("devnum", d.devnum.String()), slog.Uint64("diskseq", d.diskseq), slog.String("backing_file", d.backingPath))
 	return nil
 }
 
@@ -565,18 +606,28 @@ func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, er
 	if opts.Offset != 0 || opts.Size != 0 || opts.SectorSize != b.blockSize {
 		return nil, false, nil
 	}
+	// Lock and BackingLock would be two flocks on one inode here, the
+	// second refused by the first: a real loop device keeps them apart.
+	if opts.Lock != LockNone && b.lock != LockNone {
+		return nil, false, nil
+	}
 	devnum := devnumOfStat(&b.st)
 	if opts.Partscan && !effectivePartscan(devnum) {
 		if opts.MayPopulate || hasPartitionTable(b.file) {
 			return nil, false, nil
 		}
 	}
-	// A fresh reopen with the caller's mode and never O_DIRECT, not a dup.
-	f, err := reopen(b.file, openBase|accFlags(b.readOnly))
-	if err != nil {
-		return nil, true, err
+	// The backing's own open file description becomes the handle, so the
+	// BackingLock taken on it lasts as long as the handle; never O_DIRECT
+	// (the caller's I/O would need its alignment).
+	if b.direct {
+		if err := setDirect(b.file, false); err != nil {
+			return nil, true, fmt.Errorf("clear O_DIRECT: %w", err)
+		}
 	}
-	d := &Device{file: f, path: b.path, nr: -1, devnum: devnum, backingPath: b.path, shortcut: true,
+	f := b.file
+	b.file = nil
+	d := &Device{file: f, path: b.path, nr: -1, devnum: devnum, backingPath: b.path, shortcut: true, log: loggerOr(opts.Logger),
 		sectorSize: b.blockSize, size: b.size, readOnly: b.readOnly,
 		fences: Fences{SeqnumNotBefore: math.MaxUint64}}
 	// A partition of a loop disk answers LOOP_GET_STATUS64 for its parent:
@@ -605,6 +656,7 @@ func mirrorDiscard(ctx context.Context, b *backing, d *Device) {
 		err = os.WriteFile(d.devnum.SysfsDir()+"/queue/discard_max_bytes", []byte(v), 0)
 	}
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("device", d.path).Debug("copy discard_max_bytes from block backing")
+		d.logger().LogAttrs(ctx, slog.LevelDebug, "copy discard_max_bytes from block backing",
+			slog.String("device", d.path), slog.Any("error", err))
 	}
 }

@@ -1,13 +1,13 @@
 package loopdev
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/ptable"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,38 +37,34 @@ func (b *backing) lockFile() error {
 
 const openBase = unix.O_CLOEXEC | unix.O_NONBLOCK | unix.O_NOCTTY
 
-// openBackingPath opens the backing by path (spec 3.2).
+// openBackingPath opens the backing by path, with O_DIRECT first when dio
+// is wanted. An error names the buffered attempt: O_DIRECT's own refusal
+// (EINVAL on tmpfs or some FUSE) would hide the real EPERM or EROFS.
 func openBackingPath(path string, mode AccessMode, dio bool) (*os.File, error) {
 	acc := unix.O_RDWR
 	if mode == AccessReadOnly {
 		acc = unix.O_RDONLY
 	}
-	try := func(flags int) (int, error) { return unix.Open(path, openBase|flags, 0) }
-	fd, err := -1, error(nil)
-	var first error
-	if dio {
-		fd, err = try(acc | unix.O_DIRECT)
-		first = err
-	}
-	if fd < 0 {
-		// O_DIRECT refused (tmpfs, some FUSE): continue buffered.
-		fd, err = try(acc)
-		if first == nil {
-			first = err
-		}
-	}
-	if fd < 0 && mode == AccessAuto && (err == unix.EROFS || err == unix.EACCES || err == unix.EPERM) {
-		// Read-only media or bind mounts: fall back to read-only.
+	try := func(acc int) (int, error) {
 		if dio {
-			fd, err = try(unix.O_RDONLY | unix.O_DIRECT)
+			if fd, err := unix.Open(path, openBase|acc|unix.O_DIRECT, 0); err == nil {
+				return fd, nil
+			}
 		}
-		if fd < 0 {
-			fd, err = try(unix.O_RDONLY)
+		// O_DIRECT refused: continue buffered.
+		return unix.Open(path, openBase|acc, 0)
+	}
+	fd, err := try(acc)
+	if err != nil && mode == AccessAuto && (err == unix.EROFS || err == unix.EACCES || err == unix.EPERM) {
+		// Read-only media or bind mounts: fall back to read-only, and on
+		// failure report the read-write refusal that started it.
+		var rerr error
+		if fd, rerr = try(unix.O_RDONLY); rerr == nil {
+			err = nil
 		}
 	}
-	if fd < 0 {
-		_ = err
-		return nil, &os.PathError{Op: "open", Path: path, Err: first}
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	abs, aerr := filepath.Abs(path)
 	if aerr != nil {
@@ -138,18 +134,20 @@ func prepareBacking(f *os.File, opts *Options, dio *bool) (*backing, error) {
 			opts.SectorSize = b.blockSize
 		}
 	}
+	if expectedSize(b.size, opts.Offset, opts.Size, opts.SectorSize) == 0 {
+		return nil, invalidf("%s holds less than one %d-byte logical block past offset %d", b.path, opts.SectorSize, opts.Offset)
+	}
 	// The DIO setting is the master: an O_DIRECT backing fd turns DIO on by
 	// itself on newer kernels, which would defeat an explicit "off".
 	if b.direct != *dio {
-		nf, err := reopen(f, openBase|accFlags(b.readOnly)|directFlag(*dio))
+		err := setDirect(b.file, *dio)
 		switch {
 		case err != nil && *dio:
 			*dio = false // O_DIRECT refused: continue buffered
 		case err != nil:
-			return nil, fmt.Errorf("reopen %s without O_DIRECT: %w", b.path, err)
+			return nil, fmt.Errorf("clear O_DIRECT on %s: %w", b.path, err)
 		default:
-			f.Close()
-			b.file, b.direct = nf, *dio
+			b.direct = *dio
 		}
 	}
 	return b, nil
@@ -169,59 +167,53 @@ func accFlags(readOnly bool) int {
 	return unix.O_RDWR
 }
 
-// reopenBuffered replaces the backing fd by one without O_DIRECT, after the
-// kernel refused direct I/O (restart buffered from get-free, spec 3.4 step 7).
-func (b *backing) reopenBuffered() error {
-	nf, err := reopen(b.file, openBase|accFlags(b.readOnly))
+// setDirect turns O_DIRECT on or off on f's open file description with
+// F_SETFL, which keeps the description (and its BackingLock) instead of
+// opening a new one.
+func setDirect(f *os.File, on bool) error {
+	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
 	if err != nil {
-		return fmt.Errorf("reopen %s without O_DIRECT: %w", b.path, err)
+		return os.NewSyscallError("fcntl", err)
 	}
-	b.file.Close()
-	b.file, b.direct = nf, false
-	return b.lockFile()
+	fl &^= unix.O_DIRECT
+	fl |= directFlag(on)
+	if _, err := unix.FcntlInt(f.Fd(), unix.F_SETFL, fl); err != nil {
+		return os.NewSyscallError("fcntl", err)
+	}
+	return nil
 }
 
-// probeGPTSectorSize looks for "EFI PART" at the offsets a GPT header sits at
-// for 512..4096-byte sectors, through a buffered read-only reopen (O_DIRECT
-// has alignment rules).
+// dropDirect turns O_DIRECT off after the kernel refused direct I/O
+// (restart buffered from get-free). It keeps the open file description: a
+// device cleared lazily may still hold it, and a new one would have to take
+// the BackingLock again, against that very device.
+func (b *backing) dropDirect() error {
+	if err := setDirect(b.file, false); err != nil {
+		return fmt.Errorf("clear O_DIRECT on %s: %w", b.path, err)
+	}
+	b.direct = false
+	return nil
+}
+
+// probeGPTSectorSize reads the GPT sector size from the backing's head,
+// through a buffered read-only reopen (O_DIRECT has alignment rules).
 func probeGPTSectorSize(f *os.File) (uint32, error) {
 	head, err := readHead(f, 8192)
 	if err != nil {
 		return 0, err
 	}
-	var found uint32
-	for _, ss := range []uint32{512, 1024, 2048, 4096} {
-		if int(ss)+8 <= len(head) && bytes.Equal(head[ss:ss+8], []byte("EFI PART")) {
-			if found != 0 {
-				return 0, fmt.Errorf("GPT headers for sector sizes %d and %d: %w", found, ss, unix.ENOTUNIQ)
-			}
-			found = ss
-		}
+	ss, err := ptable.GPTSectorSize(head)
+	if err != nil {
+		return 0, fmt.Errorf("%w: %w", err, unix.ENOTUNIQ)
 	}
-	return found, nil
+	return ss, nil
 }
 
 // hasPartitionTable reports whether a GPT or a DOS (MBR) table is present. A
 // probe failure counts as "has a table" (fail-safe for untrusted images).
 func hasPartitionTable(f *os.File) bool {
 	head, err := readHead(f, 8192)
-	if err != nil {
-		return true
-	}
-	for _, ss := range []int{512, 1024, 2048, 4096} {
-		if ss+8 <= len(head) && bytes.Equal(head[ss:ss+8], []byte("EFI PART")) {
-			return true
-		}
-	}
-	if len(head) >= 512 && head[510] == 0x55 && head[511] == 0xAA {
-		for i := 0; i < 4; i++ {
-			e := head[446+16*i : 446+16*(i+1)]
-			if e[4] != 0 && (e[0] == 0 || e[0] == 0x80) {
-				return true
-			}
-		}
-	}
-	return false
+	return err != nil || ptable.HasTable(head)
 }
 
 func readHead(f *os.File, n int) ([]byte, error) {

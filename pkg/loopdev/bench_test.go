@@ -4,7 +4,7 @@ import (
 	"context"
 	"testing"
 
-	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/testutil"
 )
 
 // BenchmarkAttachDetach measures one attach+detach cycle of a 64 MiB sparse
@@ -30,7 +30,7 @@ func BenchmarkAttachDetach(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					if err := dev.Detach(); err != nil {
+					if err := dev.Detach(bg); err != nil {
 						b.Fatal(err)
 					}
 				}

@@ -27,7 +27,7 @@ func TestDetachRecordExclusive(t *testing.T) {
 		t.Fatal(err)
 	}
 	mountT(t, rec.Path, mnt, "ext4", 0, "")
-	if err := DetachRecordWith(ctx, rec, DetachOptions{Exclusive: true}); !errors.Is(err, ErrInUse) || !errors.Is(err, unix.EBUSY) {
+	if err := DetachRecord(ctx, rec, DetachOptions{Exclusive: true}); !errors.Is(err, ErrInUse) || !errors.Is(err, unix.EBUSY) {
 		t.Fatalf("exclusive detach of a mounted device: %v, want ErrInUse", err)
 	}
 	if !stillOurs(rec) {
@@ -36,13 +36,13 @@ func TestDetachRecordExclusive(t *testing.T) {
 	if err := unix.Unmount(mnt, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := DetachRecordWith(ctx, rec, DetachOptions{Exclusive: true, Wait: true}); err != nil {
+	if err := DetachRecord(ctx, rec, DetachOptions{Exclusive: true, Wait: true}); err != nil {
 		t.Fatalf("exclusive detach after unmount: %v", err)
 	}
 	if stillOurs(rec) {
-		t.Fatal("DetachRecordWith(Wait) returned while the device was still bound")
+		t.Fatal("DetachRecord(Wait) returned while the device was still bound")
 	}
-	if err := DetachRecordWith(ctx, rec, DetachOptions{Exclusive: true}); !errors.Is(err, ErrGone) {
+	if err := DetachRecord(ctx, rec, DetachOptions{Exclusive: true}); !errors.Is(err, ErrGone) {
 		t.Errorf("second detach: %v, want ErrGone", err)
 	}
 }
@@ -68,7 +68,7 @@ func TestDetachRecordWaitsForHolder(t *testing.T) {
 		released <- time.Now()
 		holder.Close()
 	}()
-	if err := DetachRecordWith(ctx, rec, DetachOptions{Wait: true}); err != nil {
+	if err := DetachRecord(ctx, rec, DetachOptions{Wait: true}); err != nil {
 		t.Fatalf("detach with a holder, waiting: %v", err)
 	}
 	if time.Now().Before(<-released) {

@@ -1,6 +1,8 @@
 package loopdev
 
 import (
+	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -32,10 +34,13 @@ type Record struct {
 }
 
 // Device is an open loop device (or, for the block-device shortcut, the
-// block device itself). Its methods are safe for concurrent use.
+// block device itself). Its methods are safe for concurrent use: every
+// method that uses the device's fds holds mu for the whole use, so a
+// teardown can never close an fd (whose number the kernel then hands to the
+// next open, maybe of another device) under an ioctl.
 type Device struct {
 	mu      sync.Mutex
-	file    *os.File // main fd; never closed by a finalizer early (see Close)
+	file    *os.File // main fd; guarded by mu, like every field a method changes
 	lock    *ofd     // separate OFD carrying the caller's flock, or nil
 	uevents *ueventSocket
 
@@ -54,9 +59,10 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
-	remove      bool        // LOOP_CTL_REMOVE after the clear
-	shortcut    bool        // the block-device backing itself: nothing was attached
-	ioAtAttach  *ioCounters // diskstats when the attach finished, for flush
+	remove      bool         // LOOP_CTL_REMOVE after the clear
+	shortcut    bool         // the block-device backing itself: nothing was attached
+	ioAtAttach  *ioCounters  // diskstats when the attach finished, for flush
+	log         *slog.Logger // nil: discard
 }
 
 func (d *Device) Path() string         { return d.path }
@@ -66,15 +72,47 @@ func (d *Device) DiskSeq() uint64      { return d.diskseq }
 func (d *Device) Fences() Fences       { return d.fences }
 func (d *Device) BackingPath() string  { return d.backingPath }
 func (d *Device) BackingID() BackingID { return d.backing }
-func (d *Device) Offset() uint64       { return d.offset }
-func (d *Device) SectorSize() uint32   { return d.sectorSize }
-func (d *Device) Size() uint64         { return d.size }
-func (d *Device) ReadOnly() bool       { return d.readOnly }
-func (d *Device) DirectIO() bool       { return d.dio }
-func (d *Device) Created() bool        { return d.created }
-func (d *Device) File() *os.File       { return d.file }
+
+// Offset is the start of the device in the backing, in bytes.
+func (d *Device) Offset() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.offset
+}
+func (d *Device) SectorSize() uint32 { return d.sectorSize }
+
+// Size is the device's size in bytes.
+func (d *Device) Size() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.size
+}
+func (d *Device) ReadOnly() bool { return d.readOnly }
+func (d *Device) DirectIO() bool { return d.dio }
+func (d *Device) Created() bool  { return d.created }
+
+// File is the main fd. It is closed by Detach and Close, and after a
+// DetachWith with Exclusive it is another fd: do not keep it.
+func (d *Device) File() *os.File {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.file
+}
+
+// Record is what to persist to detach this attachment later, from any
+// process, with DetachRecord.
 func (d *Device) Record() Record {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	return Record{Path: d.path, Devnum: d.devnum, DiskSeq: d.diskseq, Backing: d.backing, Offset: d.offset}
+}
+
+// errClosedLocked is the error of a method called after Detach or Close.
+func (d *Device) errClosedLocked() error {
+	if d.closed {
+		return fmt.Errorf("%s: %w", d.path, os.ErrClosed)
+	}
+	return nil
 }
 
 // Owned reports whether Detach would clear the binding.

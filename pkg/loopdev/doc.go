@@ -5,15 +5,20 @@
 //
 // The protocol follows systemd's src/shared/loop-util.c:
 //
-//   - /dev/loop-control is opened anew for every attach and every teardown
-//     and locked with flock(LOCK_EX) around get-free→configure and
-//     clear→remove, so cooperating allocators never hand out the same device.
+//   - /dev/loop-control is opened anew for every attach and locked with
+//     flock(LOCK_EX) around get-free→configure, so cooperating allocators
+//     never hand out the same device. A teardown takes it only for
+//     LOOP_CTL_REMOVE, after the device is closed.
 //   - The device is locked on a second open file description (a reopen
 //     through /proc/self/fd, never a dup), because flock locks belong to the
 //     open file description and the lock fd must be closed before
 //     LOOP_CLR_FD, or the clear degrades into a lazy autoclear.
-//   - Lock order: the control lock first, then the device lock. A device lock
-//     is never held while waiting for the control lock.
+//   - Lock order: the control lock first, then the device lock (an
+//     allocator waits for a fresh device's lock under the control lock). A
+//     teardown never waits for a device lock while holding the control lock:
+//     it clears under the device lock alone (an allocator handed the number
+//     blocks on that lock, then re-checks that the device is unbound), so a
+//     prober holding one device stalls no Attach elsewhere on the host.
 //   - LOOP_CONFIGURE is used first and its result verified; a kernel that
 //     refuses or misapplies it is remembered process-wide (one atomic flag,
 //     the package's only mutable global apart from the control lock's

@@ -30,21 +30,24 @@ var (
 	ErrInUse = &errnoSentinel{"loop device in use (mounted)", unix.EBUSY}
 	// ErrRemoveBusy: the device was cleared but LOOP_CTL_REMOVE stayed busy.
 	ErrRemoveBusy = &errnoSentinel{"loop device cleared but not removed (busy)", unix.EBUSY}
-	// ErrUnsupported: the kernel lacks a feature (diskseq, LOOP_CONFIGURE, partscan).
-	ErrUnsupported = errors.New("not supported by this kernel")
+	// ErrUnsupported: the kernel lacks a feature (diskseq, LOOP_CONFIGURE,
+	// partscan). It matches errors.ErrUnsupported, so callers that handle
+	// "unsupported" generically need not know this package.
+	ErrUnsupported = &errnoSentinel{"not supported by this kernel", errors.ErrUnsupported}
 	// ErrInvalidArgument: bad options or an unusable backing file.
 	ErrInvalidArgument = &errnoSentinel{"invalid argument", unix.EINVAL}
 )
 
-// errnoSentinel is a sentinel that also matches the errno it implies.
+// errnoSentinel is a sentinel that also matches the error it implies: an
+// errno, or errors.ErrUnsupported.
 type errnoSentinel struct {
-	msg   string
-	errno unix.Errno
+	msg  string
+	also error
 }
 
 func (e *errnoSentinel) Error() string { return e.msg }
 
-func (e *errnoSentinel) Is(target error) bool { return target == e.errno }
+func (e *errnoSentinel) Is(target error) bool { return target == e.also }
 
 // invalidf builds an ErrInvalidArgument error with context.
 func invalidf(format string, args ...any) error {

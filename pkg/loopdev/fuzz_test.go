@@ -7,6 +7,8 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/uevent"
 )
 
 func FuzzParseUevent(f *testing.F) {
@@ -16,7 +18,7 @@ func FuzzParseUevent(f *testing.F) {
 	f.Add([]byte("@\x00=\x00"))
 	f.Add([]byte(""))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		ev, err := ParseUevent(b)
+		ev, err := uevent.Parse(b)
 		if err != nil {
 			return
 		}
@@ -32,7 +34,7 @@ func FuzzParseUevent(f *testing.F) {
 			}
 			buf.WriteString("\x00" + k + "=" + v)
 		}
-		ev2, err := ParseUevent(buf.Bytes())
+		ev2, err := uevent.Parse(buf.Bytes())
 		if err != nil || ev2.Action != ev.Action || ev2.Devpath != ev.Devpath || len(ev2.Env) != len(ev.Env) {
 			t.Fatalf("round trip: %v %+v vs %+v", err, ev2, ev)
 		}

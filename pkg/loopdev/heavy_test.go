@@ -148,7 +148,7 @@ func heavyMain(t *testing.T, img string, parts []sfPart, mnt string, udev bool) 
 		t.Fatal(err)
 	}
 	closeAll(pins)
-	if err := d.Detach(); !acceptableDetach(err, true) {
+	if err := d.Detach(bg); !acceptableDetach(err, true) {
 		t.Fatal(err)
 	}
 }
@@ -267,7 +267,7 @@ func heavyIteration(backing *os.File, parts []sfPart, base string, udev bool, us
 	detached := false
 	defer func() {
 		if !detached {
-			_ = d.Detach()
+			_ = d.Detach(bg)
 		}
 	}()
 	if d.Path() == "" || d.BackingPath() == "" {
@@ -303,7 +303,7 @@ func heavyIteration(backing *os.File, parts []sfPart, base string, udev bool, us
 	closeAll(pins)
 	detached = true
 	start = time.Now()
-	err = d.Detach()
+	err = d.Detach(bg)
 	heavyStats.add("detach", time.Since(start))
 	if !acceptableDetach(err, true) {
 		return errors.Join(retErr, fmt.Errorf("detach %s: %w", d.Path(), err))

@@ -4,6 +4,7 @@ package loopdev
 // the package under test), external actors and the kernel log watcher.
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -22,7 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/testutil"
 )
 
 // TestMain forces the legacy LOOP_SET_FD path for the whole process when
@@ -48,6 +49,10 @@ func rootDir(t *testing.T) string {
 	testutil.NoLeaks(t, dir)
 	return dir
 }
+
+// bg is the context of teardowns in cleanups, where t.Context() is
+// already cancelled; go test's -timeout bounds them.
+var bg = context.Background()
 
 func testCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
@@ -99,7 +104,7 @@ func cleanupDevice(t testing.TB, d *Device) {
 			_ = d.Close()
 			return
 		}
-		err := d.Detach()
+		err := d.Detach(bg)
 		if errors.Is(err, ErrDetachDeferred) {
 			// Another opener (udevd, another package's List) holds it for a
 			// moment; the kernel unbinds at its close. Bounded wait, so
@@ -113,7 +118,7 @@ func cleanupDevice(t testing.TB, d *Device) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			if stillOurs(rec) {
-				if err2 := DetachRecord(ctx, rec); err2 != nil {
+				if err2 := DetachRecord(ctx, rec, DetachOptions{}); err2 != nil {
 					t.Logf("cleanup of %s: %v, then %v", rec.Path, err, err2)
 				}
 			}
@@ -303,27 +308,41 @@ func (tn *tenant) release() {
 // holder is an external process holding a flock until killed.
 type holder struct{ cmd *exec.Cmd }
 
-// holdFlock starts `flock <mode> path sleep 600` and waits until the lock
-// is held (an -n probe of the conflicting kind fails).
+// holdFlock starts `flock <mode> path` running a shell that reports on
+// its stdout once the lock is held, and waits for that report. A failing
+// `flock -n` probe is no proof: udev's brief LOCK_SH fails it too.
 func holdFlock(t testing.TB, path string, exclusive bool) *holder {
 	t.Helper()
 	mode := "-s"
 	if exclusive {
 		mode = "-x"
 	}
-	cmd := exec.Command("flock", mode, path, "sleep", "600")
+	cmd := exec.Command("flock", mode, path, "sh", "-c", "echo locked; exec sleep 600")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	h := &holder{cmd: cmd}
 	t.Cleanup(h.stop)
-	deadline := time.Now().Add(10 * time.Second)
-	for !externalFlockFails(path, true) {
-		if time.Now().After(deadline) {
-			t.Fatalf("flock holder on %s never took the lock", path)
+	ready := make(chan error, 1)
+	go func() {
+		line, err := bufio.NewReader(out).ReadString('\n')
+		if err == nil && line != "locked\n" {
+			err = fmt.Errorf("holder said %q", line)
 		}
-		time.Sleep(5 * time.Millisecond)
+		ready <- err
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			t.Fatalf("flock holder on %s: %v", path, err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("flock holder on %s never took the lock", path)
 	}
 	return h
 }

@@ -20,7 +20,7 @@ func TestFindByBackingAndList(t *testing.T) {
 	img := newImage(t, dir, "list.img", 8<<20)
 	a := attachT(t, img, Options{FileName: "loopkit-test:list"})
 	b := attachT(t, img, Options{Access: AccessReadOnly, Offset: 1 << 20})
-	infos, err := FindByBacking(a.BackingID())
+	infos, err := FindByBacking(img, a.BackingID())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -32,6 +32,12 @@ func TestFindByBackingAndList(t *testing.T) {
 		t.Fatalf("FindByBacking: %+v, want %s and %s", infos, a.Path(), b.Path())
 	}
 	ia, ib := found[a.Path()], found[b.Path()]
+	if ia.FileName != "" {
+		t.Errorf("FindByBacking read lo_file_name %q: it must not open devices", ia.FileName)
+	}
+	if ia, err = Inspect(ia); err != nil {
+		t.Fatal(err)
+	}
 	if ia.BackingFile != img || ia.DiskSeq != a.DiskSeq() || ia.Devnum != a.Devnum() || !ia.Autoclear || ia.ReadOnly || ia.FileName != "loopkit-test:list" {
 		t.Errorf("info of %s: %+v", a.Path(), ia)
 	}
@@ -44,7 +50,13 @@ func TestFindByBackingAndList(t *testing.T) {
 	if err := os.Remove(img); err != nil {
 		t.Fatal(err)
 	}
-	infos, _ = FindByBacking(a.BackingID())
+	if infos, _ := FindByBacking(img, a.BackingID()); len(infos) != 0 {
+		t.Errorf("FindByBacking of an unlinked path: %+v, want none", infos)
+	}
+	infos, _ = List(func(i Info) (bool, bool) { return i.Devnum != a.Devnum() && i.Devnum != b.Devnum(), false })
+	if len(infos) != 2 {
+		t.Errorf("List with a filter: %+v, want %s and %s", infos, a.Path(), b.Path())
+	}
 	for _, i := range infos {
 		if !i.Deleted || i.BackingFile != img {
 			t.Errorf("after unlink: %+v, want Deleted and the path without the suffix", i)
@@ -67,13 +79,13 @@ func TestSweep(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		for _, d := range []*Device{alive, other} {
-			_ = DetachRecord(context.Background(), d.Record())
+			_ = DetachRecord(context.Background(), d.Record(), DetachOptions{})
 		}
 	})
-	if _, err := Sweep(ctx, "", func(Info) bool { return true }); !errors.Is(err, ErrInvalidArgument) {
+	if _, err := Sweep(ctx, dir, "", func(Info) bool { return true }); !errors.Is(err, ErrInvalidArgument) {
 		t.Errorf("empty prefix: %v, want ErrInvalidArgument", err)
 	}
-	done, err := Sweep(ctx, prefix, func(i Info) bool { return i.FileName == prefix+"orphan" })
+	done, err := Sweep(ctx, dir, prefix, func(i Info) bool { return i.FileName == prefix+"orphan" })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +114,7 @@ func TestDetachAndWait(t *testing.T) {
 	// unmount here.
 	res := make(chan error, 1)
 	wctx := testCtx(t, 30*time.Second)
-	go func() { res <- d.DetachAndWait(wctx) }()
+	go func() { res <- d.DetachWith(wctx, DetachOptions{Wait: true}) }()
 	time.Sleep(200 * time.Millisecond)
 	if err := unix.Unmount(mnt, 0); err != nil {
 		t.Fatal(err)
@@ -118,7 +130,7 @@ func TestDetachAndWait(t *testing.T) {
 	mountT(t, d.Path(), mnt, "ext4", unix.MS_RDONLY, "")
 	short, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	err := d.DetachAndWait(short)
+	err := d.DetachWith(short, DetachOptions{Wait: true})
 	if !errors.Is(err, ErrDetachDeferred) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("DetachAndWait with the mount kept: %v, want deferred and deadline", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -21,6 +22,8 @@ type OpenOptions struct {
 	// Optional expectations: a mismatch is ErrReused.
 	ExpectDiskSeq uint64
 	ExpectBacking *BackingID
+	// Logger receives debug records of this handle; nil logs nothing.
+	Logger *slog.Logger
 }
 
 // Open opens an existing block device (spec 9.1): a reopen, never a dup, with
@@ -50,7 +53,7 @@ func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	d := &Device{file: f, path: real, nr: -1, devnum: devnum, readOnly: acc == unix.O_RDONLY,
+	d := &Device{file: f, path: real, nr: -1, devnum: devnum, readOnly: acc == unix.O_RDONLY, log: opts.Logger,
 		fences: Fences{SeqnumNotBefore: math.MaxUint64}}
 	fd := int(f.Fd())
 	// A partition of a loop disk answers LOOP_GET_STATUS64 for its parent.
@@ -86,7 +89,9 @@ func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 	return d, nil
 }
 
-// Info describes a bound loop device.
+// Info describes a bound loop device as sysfs shows it. List and
+// FindByBacking read sysfs only, so Backing is zero in List's results and
+// FileName is empty in both: Inspect fills them.
 type Info struct {
 	Path        string    `json:"path"`
 	Nr          int       `json:"nr"`
@@ -109,24 +114,43 @@ func (i Info) Record() Record {
 	return Record{Path: i.Path, Devnum: i.Devnum, DiskSeq: i.DiskSeq, Backing: i.Backing, Offset: i.Offset}
 }
 
-// List returns every bound loop device. Devices being torn down while it
-// runs are skipped.
-func List() ([]Info, error) {
+// ListFilter decides, for each bound device List finds, whether to leave it
+// out (skip) and whether to end the listing after it (stop).
+type ListFilter func(Info) (skip, stop bool)
+
+// List returns the bound loop devices that filter keeps (all of them when
+// filter is nil), reading sysfs only: it never opens a device (an open by
+// us would turn its owner's concurrent LOOP_CLR_FD into a lazy autoclear)
+// nor stats a backing path (one on a hung FUSE or NFS mount would hang us).
+// Devices being torn down while it runs are skipped.
+func List(filter ListFilter) ([]Info, error) {
 	dirs, err := filepath.Glob("/sys/block/loop*")
 	if err != nil {
 		return nil, err
 	}
 	var out []Info
 	for _, dir := range dirs {
-		if i, ok := inspect(dir); ok {
+		i, ok := inspectSysfs(dir)
+		if !ok {
+			continue
+		}
+		skip, stop := false, false
+		if filter != nil {
+			skip, stop = filter(i)
+		}
+		if !skip {
 			out = append(out, i)
+		}
+		if stop {
+			break
 		}
 	}
 	return out, nil
 }
 
-// inspect reads one loop device; ok is false when it is unbound or vanished.
-func inspect(sysdir string) (Info, bool) {
+// inspectSysfs reads one loop device from sysfs; ok is false when it is
+// unbound or vanished.
+func inspectSysfs(sysdir string) (Info, bool) {
 	name := filepath.Base(sysdir)
 	nr, err := strconv.Atoi(strings.TrimPrefix(name, "loop"))
 	if err != nil {
@@ -149,20 +173,34 @@ func inspect(sysdir string) (Info, bool) {
 	i.DirectIO = attrIs(sysdir+"/loop/dio", "1")
 	i.ReadOnly = attrIs(sysdir+"/ro", "1")
 	i.DiskSeq, _ = readAttrUint(sysdir + "/diskseq")
-	// lo_device/lo_inode and lo_file_name need the device open; a read-only
-	// open raises no IN_CLOSE_WRITE for udev.
-	f, err := openVerified(i.Path, devnum, i.DiskSeq, unix.O_RDONLY, false)
+	return i, true
+}
+
+// Inspect completes an Info from List with what only the device itself
+// knows: the backing's (st_dev, st_ino) and the lo_file_name owner tag. It
+// opens the device read-only (no IN_CLOSE_WRITE for udev) after checking
+// devnum and diskseq, so call it only on devices that are yours, or as an
+// administrator who accepts that the open makes a concurrent detach by the
+// owner lazy. It returns ErrGone or ErrReused when the attachment changed.
+func Inspect(i Info) (Info, error) {
+	f, err := openVerified(i.Path, i.Devnum, i.DiskSeq, unix.O_RDONLY, false)
 	if err != nil {
-		return i, !errors.Is(err, unix.ENXIO)
+		if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENOENT) {
+			return i, fmt.Errorf("inspect %s: %v: %w", i.Path, err, ErrGone)
+		}
+		return i, fmt.Errorf("inspect %s: %w", i.Path, err)
 	}
 	defer f.Close()
 	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if err == unix.ENXIO {
+		return i, fmt.Errorf("inspect %s: unbound: %w", i.Path, ErrGone)
+	}
 	if err != nil {
-		return Info{}, false
+		return i, fmt.Errorf("inspect %s: LOOP_GET_STATUS64: %w", i.Path, err)
 	}
 	i.Backing = BackingID{Dev: info.Device, Ino: info.Inode}
 	i.FileName = cString(info.File_name[:])
-	return i, true
+	return i, nil
 }
 
 func attrIs(path, want string) bool {
@@ -177,33 +215,37 @@ func cString(b []byte) string {
 	return string(b)
 }
 
-// FindByBacking returns every binding of one file (a file may be attached
-// several times). Only candidates are opened: a device whose sysfs
-// backing_file names, in our mount namespace, another existing inode is
-// skipped without an open (every open of a device makes a concurrent
-// LOOP_CLR_FD of its owner lazy).
-func FindByBacking(id BackingID) ([]Info, error) {
-	dirs, err := filepath.Glob("/sys/block/loop*")
+// FindByBacking returns every binding of the file the caller knows as path
+// with identity id (a file may be attached several times), reading sysfs
+// only. A binding matches when sysfs names the same path, not deleted:
+// after the caller's path still resolves to id, the file bound under that
+// name is that inode (a replaced file shows as " (deleted)" or under its
+// new name). It stats the caller's own path, never another device's
+// backing (one on a hung FUSE or NFS mount would hang every caller), and
+// opens no device. The results carry Backing = id.
+func FindByBacking(path string, id BackingID) ([]Info, error) {
+	want, err := filepath.Abs(path)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("find bindings of %s: %w", path, err)
 	}
-	var out []Info
-	for _, dir := range dirs {
-		bf, err := readAttr(dir + "/loop/backing_file")
-		if err != nil {
-			continue
-		}
-		if p, deleted := splitDeleted(bf); !deleted {
-			var st unix.Stat_t
-			if unix.Stat(p, &st) == nil && (devOfStat(&st) != id.Dev || st.Ino != id.Ino) {
-				continue
-			}
-		}
-		if i, ok := inspect(dir); ok && i.Backing == id {
-			out = append(out, i)
-		}
+	if r, err := filepath.EvalSymlinks(want); err == nil {
+		want = r
 	}
-	return out, nil
+	var st unix.Stat_t
+	if err := unix.Stat(want, &st); err != nil {
+		if err == unix.ENOENT {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("find bindings of %s: %w", path, &os.PathError{Op: "stat", Path: want, Err: err})
+	}
+	if (BackingID{Dev: devOfStat(&st), Ino: st.Ino}) != id {
+		return nil, nil // path names another file now: none of its bindings is id's
+	}
+	out, err := List(func(i Info) (bool, bool) { return i.Deleted || i.BackingFile != want, false })
+	for k := range out {
+		out[k].Backing = id
+	}
+	return out, err
 }
 
 // Verify reports whether rec still names a live attachment: nil, ErrGone or
@@ -221,6 +263,11 @@ func Verify(rec Record) error {
 // attachment (spec 8.3). With exclusive the open is O_EXCL, which fails with
 // EBUSY (ErrInUse) while a filesystem is mounted from the device.
 func openRecord(rec Record, exclusive bool) (*os.File, error) {
+	// A zero identity would match whatever is bound there now, a foreign
+	// losetup binding included.
+	if rec.DiskSeq == 0 && rec.Backing == (BackingID{}) {
+		return nil, invalidf("record of %s has neither a diskseq nor a backing identity", rec.Path)
+	}
 	devnum, err := devnumOfNode(rec.Path)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -259,8 +306,13 @@ func openRecord(rec Record, exclusive bool) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s diskseq %d, recorded %d: %w", rec.Path, seq, rec.DiskSeq, ErrReused)
 	case serr != nil || rec.DiskSeq == 0:
-		// Without diskseq the backing identity and offset are the fallback.
-		if (rec.Backing != BackingID{} && (BackingID{Dev: info.Device, Ino: info.Inode}) != rec.Backing) || info.Offset != rec.Offset {
+		// Without diskseq the backing identity and offset are the identity;
+		// a record that has none cannot be checked, so it matches nothing.
+		if rec.Backing == (BackingID{}) {
+			f.Close()
+			return nil, invalidf("%s: diskseq unsupported and the record has no backing identity", rec.Path)
+		}
+		if (BackingID{Dev: info.Device, Ino: info.Inode}) != rec.Backing || info.Offset != rec.Offset {
 			f.Close()
 			return nil, fmt.Errorf("%s bound to another file (diskseq unsupported): %w", rec.Path, ErrReused)
 		}
@@ -268,38 +320,14 @@ func openRecord(rec Record, exclusive bool) (*os.File, error) {
 	return f, nil
 }
 
-// DetachOptions refine DetachRecordWith.
-type DetachOptions struct {
-	// Exclusive opens the device O_EXCL: while a filesystem is mounted from
-	// it (a mount claims the block device) the detach fails with ErrInUse
-	// and touches nothing. The clear is issued on that exclusive fd, so
-	// nothing can mount the device in between.
-	Exclusive bool
-	// Wait, after a deferred detach, polls until the kernel has unbound the
-	// device (another opener closed it) or ctx ends.
-	Wait bool
-}
-
-// DetachRecord is the guarded detach by name (spec 8.3): it detaches the
-// device only if it still carries the recorded attachment, on the very fd it
-// verified. Results: nil (detached), ErrGone (absent or unbound: nothing to
-// do), ErrReused (someone else's binding now: untouched), ErrDetachDeferred
-// (cleared, still held; unbinds at the last close).
-func DetachRecord(ctx context.Context, rec Record) error {
-	return DetachRecordWith(ctx, rec, DetachOptions{})
-}
-
-// DetachRecordWith is DetachRecord with options; see DetachOptions.
-func DetachRecordWith(ctx context.Context, rec Record, opts DetachOptions) error {
-	err := detachRecord(ctx, rec, opts.Exclusive)
-	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
-		return awaitUnbind(ctx, rec)
-	}
-	return err
-}
-
-func detachRecord(ctx context.Context, rec Record, exclusive bool) error {
-	f, err := openRecord(rec, exclusive)
+// DetachRecord is the guarded detach by name: it detaches the device only
+// if it still carries the recorded attachment, on the very fd it verified,
+// with the variants of opts. Results: nil (detached), ErrGone (absent or
+// unbound: nothing to do), ErrReused (someone else's binding now:
+// untouched), ErrDetachDeferred (cleared, still held; unbinds at the last
+// close), ErrInUse (opts.Exclusive and mounted: untouched).
+func DetachRecord(ctx context.Context, rec Record, opts DetachOptions) error {
+	f, err := openRecord(rec, opts.Exclusive)
 	if err != nil {
 		return fmt.Errorf("detach %s: %w", rec.Path, err)
 	}
@@ -308,45 +336,53 @@ func detachRecord(ctx context.Context, rec Record, exclusive bool) error {
 		nr = n
 	}
 	d := &Device{file: f, path: rec.Path, nr: nr, devnum: rec.Devnum, diskseq: rec.DiskSeq,
-		backing: rec.Backing, offset: rec.Offset, created: true, owned: true}
+		backing: rec.Backing, offset: rec.Offset, created: true, owned: true, remove: opts.RemoveDevice, log: opts.Logger}
 	if d.diskseq == 0 {
 		d.diskseq, _ = getDiskseq(f.Fd())
 	}
-	ctl, err := openControl(ctx)
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("detach %s: %w", rec.Path, err)
-	}
-	defer ctl.Close()
-	// The open fd pins the binding (a clear by others turns lazy), but re-check
-	// under the control lock anyway.
-	if err := d.checkAlive(); err != nil {
-		f.Close()
-		return fmt.Errorf("detach %s: %w", rec.Path, err)
+	// The backing path as sysfs names it now, while our verified fd pins the
+	// binding: without diskseq it is what tells our binding from a later one.
+	if bf, err := readAttr(rec.Devnum.SysfsDir() + "/loop/backing_file"); err == nil {
+		d.backingPath, _ = splitDeleted(bf)
 	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.teardownLocked(ctx, ctl)
+	err = d.teardownLocked(ctx)
+	d.mu.Unlock()
+	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
+		return d.awaitUnbind(ctx)
+	}
+	return err
 }
 
-// Sweep detaches loop devices whose lo_file_name tag starts with ownerPrefix
-// and that orphan reports as abandoned, each with the guarded detach. It
-// returns the devices it detached (deferred detaches included).
-func Sweep(ctx context.Context, ownerPrefix string, orphan func(Info) bool) ([]Info, error) {
-	if ownerPrefix == "" {
-		return nil, fmt.Errorf("sweep: empty owner prefix: %w", ErrInvalidArgument)
+// Sweep detaches the loop devices backed by files under backingDir whose
+// lo_file_name tag starts with ownerPrefix and that orphan reports as
+// abandoned, each with the guarded detach. Only devices whose sysfs
+// backing_file lies under backingDir are opened (to read the tag), so other
+// owners' devices are never touched. It returns the devices it detached
+// (deferred detaches included).
+func Sweep(ctx context.Context, backingDir, ownerPrefix string, orphan func(Info) bool) ([]Info, error) {
+	if ownerPrefix == "" || backingDir == "" {
+		return nil, fmt.Errorf("sweep: empty owner prefix or backing directory: %w", ErrInvalidArgument)
 	}
-	all, err := List()
+	dir, err := filepath.Abs(backingDir)
+	if err != nil {
+		return nil, fmt.Errorf("sweep: %w", err)
+	}
+	dir = filepath.Clean(dir)
+	all, err := List(func(i Info) (bool, bool) {
+		return !strings.HasPrefix(i.BackingFile, dir+"/"), false
+	})
 	if err != nil {
 		return nil, err
 	}
 	var done []Info
 	var errs []error
 	for _, i := range all {
-		if !strings.HasPrefix(i.FileName, ownerPrefix) || !orphan(i) {
+		i, err := Inspect(i)
+		if err != nil || !strings.HasPrefix(i.FileName, ownerPrefix) || !orphan(i) {
 			continue
 		}
-		err := DetachRecord(ctx, i.Record())
+		err = DetachRecord(ctx, i.Record(), DetachOptions{})
 		switch {
 		case err == nil, errors.Is(err, ErrDetachDeferred):
 			done = append(done, i)
@@ -356,21 +392,6 @@ func Sweep(ctx context.Context, ownerPrefix string, orphan func(Info) bool) ([]I
 		}
 	}
 	return done, errors.Join(errs...)
-}
-
-// Add creates /dev/loopN with LOOP_CTL_ADD (EEXIST if present), for hosts
-// whose /dev lacks nodes or that want a warm pool.
-func Add(ctx context.Context, nr int) error {
-	ctl, err := openControl(ctx)
-	if err != nil {
-		return err
-	}
-	defer ctl.Close()
-	if err := unix.IoctlSetInt(int(ctl.Fd()), unix.LOOP_CTL_ADD, nr); err != nil {
-		return fmt.Errorf("LOOP_CTL_ADD %d: %w", nr, err)
-	}
-	_, err = ensureNode("/dev/loop"+strconv.Itoa(nr), nr)
-	return err
 }
 
 // isLoopDisk reports whether devnum is a whole loop device, not one of its

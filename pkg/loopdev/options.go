@@ -1,9 +1,8 @@
 package loopdev
 
 import (
+	"log/slog"
 	"math"
-	"os"
-	"strconv"
 	"time"
 )
 
@@ -63,7 +62,9 @@ type Options struct {
 	// MayPopulate says the caller will write a partition table; it refuses
 	// the block-device shortcut when partscan is off.
 	MayPopulate bool
-	// DirectIO overrides the default (on, unless LOOPKIT_LOOP_DIRECT_IO=0).
+	// DirectIO turns direct I/O on the backing on or off; nil means on
+	// where the backing supports it (it avoids caching every block twice,
+	// once for the device and once for the file).
 	DirectIO *bool
 	// Lock is the lock handed back with the device.
 	Lock            LockState
@@ -93,6 +94,9 @@ type Options struct {
 	// ~50 ms per device, ten times a whole attach+detach cycle, and
 	// LOOP_CTL_GET_FREE reuses unbound devices anyway.
 	RemoveDevice bool
+	// Logger receives debug records (collisions, fallbacks, attach and
+	// detach); nil logs nothing.
+	Logger *slog.Logger
 
 	// Test-only knobs; unexported so only this package's tests set them.
 	faultHook      func(step string, nr int) error
@@ -123,11 +127,6 @@ func (o *Options) fault(step string, nr int) error {
 func (o *Options) wantDirectIO() bool {
 	if o.DirectIO != nil {
 		return *o.DirectIO
-	}
-	if v, ok := os.LookupEnv("LOOPKIT_LOOP_DIRECT_IO"); ok {
-		if b, err := strconv.ParseBool(v); err == nil {
-			return b
-		}
 	}
 	return true
 }

@@ -107,8 +107,12 @@ func deletePartitions(f *os.File, disk Devnum) (int, error) {
 }
 
 // btrfsForget tells btrfs to drop its cached device for a partition about to
-// be deleted; without it a later image with the same btrfs UUID fails to
-// mount. Best effort.
+// be deleted. btrfs remembers every device it scanned per filesystem UUID;
+// a stale entry for a deleted partition makes a later mount of another copy
+// of that filesystem (a new attachment of the same image) pick the dead
+// path or fail. BTRFS_IOC_FORGET_DEV came with kernel commit 228a73abde5c
+// ("btrfs: introduce new ioctl to unregister a btrfs device"); systemd's
+// block_device_remove_partition issues it for the same reason. Best effort.
 func btrfsForget(node string) {
 	fd, err := unix.Open("/dev/btrfs-control", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
@@ -121,7 +125,6 @@ func btrfsForget(node string) {
 		name [4088]byte
 	}
 	copy(args.name[:], node)
-	const btrfsIocForgetDev = 0x50009405 // _IOW(0x94, 5, struct btrfs_ioctl_vol_args)
 	_, _, _ = unix.Syscall(unix.SYS_IOCTL, uintptr(fd), btrfsIocForgetDev, uintptr(unsafe.Pointer(&args)))
 }
 
@@ -178,6 +181,15 @@ func enablePartscan(d *Device) error {
 // Partitions lists the device's partitions after checking the device is
 // still this attachment.
 func (d *Device) Partitions() ([]Partition, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.partitionsLocked()
+}
+
+func (d *Device) partitionsLocked() ([]Partition, error) {
+	if err := d.errClosedLocked(); err != nil {
+		return nil, err
+	}
 	if err := d.checkAlive(); err != nil {
 		return nil, err
 	}
@@ -187,6 +199,15 @@ func (d *Device) Partitions() ([]Partition, error) {
 // AddPartition creates partition nr synchronously with BLKPG_ADD_PARTITION;
 // EBUSY means the kernel's scan already created it, which is fine.
 func (d *Device) AddPartition(nr int, start, length uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return err
+	}
+	return d.addPartitionLocked(nr, start, length)
+}
+
+func (d *Device) addPartitionLocked(nr int, start, length uint64) error {
 	p := unix.BlkpgPartition{Pno: int32(nr), Start: int64(start), Length: int64(length)}
 	if err := blkpg(d.file, unix.BLKPG_ADD_PARTITION, &p); err != nil && err != unix.EBUSY {
 		return fmt.Errorf("BLKPG_ADD_PARTITION %s p%d: %w", d.path, nr, err)
@@ -199,7 +220,9 @@ func (d *Device) AddPartition(nr int, start, length uint64) error {
 // diskseq (shared with the disk) must be ours. flags are added to
 // O_CLOEXEC|O_NONBLOCK|O_NOCTTY (e.g. unix.O_RDONLY).
 func (d *Device) OpenPartition(ctx context.Context, nr int, flags int) (*os.File, error) {
-	parts, err := d.Partitions()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	parts, err := d.partitionsLocked()
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/uevent"
 )
 
 // kevent is a kernel uevent as the test's own listener parsed it.
@@ -169,21 +171,21 @@ func TestR10_PartscanWithoutFlapping(t *testing.T) {
 		if !kernelScan {
 			// This kernel has no GPT parser: partitions come from BLKPG.
 			if err := addPartitions(d, fivePartitions); err != nil {
-				_ = d.Detach()
+				_ = d.Detach(bg)
 				t.Fatal(err)
 			}
 		}
 		parts, err := d.Partitions()
 		if err != nil || len(parts) != 5 {
-			_ = d.Detach()
+			_ = d.Detach(bg)
 			t.Fatalf("iteration %d: partitions %v, %v", i, parts, err)
 		}
 		if d.DiskSeq() == 0 {
-			_ = d.Detach()
+			_ = d.Detach(bg)
 			t.Skip("kernel without diskseq: cannot attribute uevents")
 		}
 		runs = append(runs, attach{d.Nr(), d.DiskSeq(), ueventSeqnum(t)})
-		if err := d.Detach(); err != nil && !errors.Is(err, ErrDetachDeferred) {
+		if err := d.Detach(bg); err != nil && !errors.Is(err, ErrDetachDeferred) {
 			t.Fatalf("iteration %d: detach: %v", i, err)
 		}
 	}
@@ -242,7 +244,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 	}
 	pf.Close()
 	rec1 := d1.Record()
-	if err := d1.Detach(); err != nil {
+	if err := d1.Detach(bg); err != nil {
 		t.Fatal(err)
 	}
 	// Reattach until the same number comes back (get-free prefers it).
@@ -257,7 +259,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		extra = append(extra, d)
 	}
 	for _, e := range extra {
-		_ = e.Detach()
+		_ = e.Detach(bg)
 	}
 	if d2 == nil {
 		t.Skipf("loop%d never came back (busy host)", rec1.nrOrMinus())
@@ -288,8 +290,8 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 	}
 
 	t.Run("uevent-judge", func(t *testing.T) {
-		ev := func(diskseq uint64) *Uevent {
-			return &Uevent{Action: "add", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d2.Nr(), d2.Nr()),
+		ev := func(diskseq uint64) *uevent.Event {
+			return &uevent.Event{Action: "add", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d2.Nr(), d2.Nr()),
 				Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "DISKSEQ": strconv.FormatUint(diskseq, 10)}}
 		}
 		if ours, err := d2.judgeUevent(ev(d2.DiskSeq() - 1)); ours || err != nil {
@@ -350,12 +352,12 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 			t.Errorf("time fence %v outside [%v, %v]", f.TimeNotBefore, time.Duration(ts.Nano()), time.Duration(ts2.Nano()))
 		}
 		// Stale events (SEQNUM <= fence) are no proof of anything.
-		stale := &Uevent{Action: "remove", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d.Nr(), d.Nr()),
+		stale := &uevent.Event{Action: "remove", Devpath: fmt.Sprintf("/devices/virtual/block/loop%d/loop%dp1", d.Nr(), d.Nr()),
 			Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "SEQNUM": strconv.FormatUint(f.SeqnumNotBefore, 10)}}
 		if ours, err := d.judgeUevent(stale); ours || err != nil {
 			t.Errorf("stale event: ours=%v %v, want it ignored", ours, err)
 		}
-		fresh := &Uevent{Action: "add", Devpath: stale.Devpath,
+		fresh := &uevent.Event{Action: "add", Devpath: stale.Devpath,
 			Env: map[string]string{"SUBSYSTEM": "block", "DEVTYPE": "partition", "PARTN": "1", "SEQNUM": strconv.FormatUint(f.SeqnumNotBefore+1, 10)}}
 		if ours, err := d.judgeUevent(fresh); !ours || err != nil {
 			t.Errorf("event past the fence: ours=%v %v, want it counted", ours, err)
@@ -368,7 +370,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		if err := Verify(rec); err != nil {
 			t.Errorf("Verify of a live record without diskseq: %v", err)
 		}
-		if err := d.Detach(); err != nil {
+		if err := d.Detach(bg); err != nil {
 			t.Fatal(err)
 		}
 	})

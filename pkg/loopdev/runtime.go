@@ -10,6 +10,11 @@ import (
 
 // Sync flushes the device (fsync of the main fd).
 func (d *Device) Sync() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return err
+	}
 	if err := d.file.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", d.path, err)
 	}
@@ -28,6 +33,9 @@ func (d *Device) Relinquish() {
 func (d *Device) Unrelinquish() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return err
+	}
 	if d.nr < 0 {
 		return fmt.Errorf("take ownership of %s: %w", d.path, ErrForeign)
 	}
@@ -42,10 +50,12 @@ func (d *Device) Unrelinquish() error {
 // SetAutoclear sets or clears LO_FLAGS_AUTOCLEAR. It is a no-op on handles
 // that are not owned (opened or relinquished): Unrelinquish first.
 func (d *Device) SetAutoclear(on bool) (changed bool, err error) {
-	if d.nr < 0 || !d.Owned() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.nr < 0 || !d.owned {
 		return false, nil
 	}
-	return d.patchStatus(func(info *unix.LoopInfo64) bool {
+	return d.patchStatusLocked(func(info *unix.LoopInfo64) bool {
 		if (info.Flags&unix.LO_FLAGS_AUTOCLEAR != 0) == on {
 			return false
 		}
@@ -60,7 +70,9 @@ func (d *Device) SetFilename(name string) (changed bool, err error) {
 	if len(name) >= unix.LO_NAME_SIZE {
 		return false, fmt.Errorf("set file name of %s: %q: %w", d.path, name, unix.ENOBUFS)
 	}
-	return d.patchStatus(func(info *unix.LoopInfo64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.patchStatusLocked(func(info *unix.LoopInfo64) bool {
 		var want [unix.LO_NAME_SIZE]byte
 		copy(want[:], name)
 		if info.File_name == want {
@@ -75,6 +87,11 @@ func (d *Device) SetFilename(name string) (changed bool, err error) {
 // issues no ioctl when nothing changes (a needless SET_STATUS64 flushes and
 // can fail with EAGAIN).
 func (d *Device) RefreshSize(ctx context.Context, offset, size uint64) (changed bool, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return false, err
+	}
 	if d.nr < 0 {
 		return d.resizePartition(offset, size)
 	}
@@ -108,8 +125,11 @@ func (d *Device) RefreshSize(ctx context.Context, offset, size uint64) (changed 
 	return true, nil
 }
 
-// patchStatus is a read-modify-write of loop_info64.
-func (d *Device) patchStatus(patch func(*unix.LoopInfo64) bool) (bool, error) {
+// patchStatusLocked is a read-modify-write of loop_info64, with d.mu held.
+func (d *Device) patchStatusLocked(patch func(*unix.LoopInfo64) bool) (bool, error) {
+	if err := d.errClosedLocked(); err != nil {
+		return false, err
+	}
 	if err := d.checkAlive(); err != nil {
 		return false, err
 	}
@@ -136,6 +156,9 @@ func (d *Device) patchStatus(patch func(*unix.LoopInfo64) bool) (bool, error) {
 func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return err
+	}
 	if state == LockNone {
 		if d.lock != nil {
 			d.lock.Close()
@@ -143,7 +166,8 @@ func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) e
 		}
 		return nil
 	}
-	if d.lock == nil {
+	fresh := d.lock == nil
+	if fresh {
 		l, err := reopenOFD(d.file, openBase|unix.O_RDONLY)
 		if err != nil {
 			return err
@@ -151,6 +175,12 @@ func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) e
 		d.lock = l
 	}
 	if err := flockPoll(ctx, int(d.lock.Fd()), lockHow(state), nonBlocking); err != nil {
+		if fresh {
+			// A lock fd that never got its lock must not stay open: it is
+			// an opener, which turns the owner's next LOOP_CLR_FD lazy.
+			d.lock.Close()
+			d.lock = nil
+		}
 		return fmt.Errorf("lock %s: %w", d.path, err)
 	}
 	return nil

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/ptable"
 )
 
 func TestReadPartitionTableMatchesSfdisk(t *testing.T) {
@@ -20,7 +22,7 @@ func TestReadPartitionTableMatchesSfdisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	got, err := ReadPartitionTable(f, 512)
+	got, err := ptable.Read(f, 512)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,12 +117,12 @@ func FuzzReadPartitionTable(f *testing.F) {
 	f.Add([]byte{}, uint16(512))
 	f.Fuzz(func(t *testing.T, b []byte, ssel uint16) {
 		ss := uint32(512) << (ssel % 4)
-		entries, err := ReadPartitionTable(bytes.NewReader(b), ss)
+		entries, err := ptable.Read(bytes.NewReader(b), ss)
 		if err != nil {
 			return
 		}
 		for _, e := range entries {
-			if e.Nr < 1 || e.Nr > maxGPTEntries || e.Size == 0 || e.Start+e.Size < e.Start || e.Start%uint64(ss) != 0 {
+			if e.Nr < 1 || e.Nr > ptable.MaxGPTEntries || e.Size == 0 || e.Start+e.Size < e.Start || e.Start%uint64(ss) != 0 {
 				js, _ := json.Marshal(e)
 				t.Fatalf("implausible entry %s for sector size %d", js, ss)
 			}

@@ -4,32 +4,58 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 )
 
-// defaultTeardownTimeout bounds Detach and Close, which take no context.
-const defaultTeardownTimeout = 60 * time.Second
-
-// Detach is the full locked teardown of an owned device (spec 8.1). It
-// returns nil when the device was cleared and removed, an error matching
-// ErrDetachDeferred when a mount or another opener still holds it (the
-// kernel unbinds it at the last close), and ErrNotOwned for a handle that is
-// not owned (opened or relinquished: see Unrelinquish). On the
-// block-device shortcut it equals Close. The handle is
-// unusable afterwards, whatever the result.
-func (d *Device) Detach() error {
-	ctx, cancel := context.WithTimeout(context.Background(), defaultTeardownTimeout)
-	defer cancel()
-	return d.DetachContext(ctx)
+// DetachOptions select the variants of a teardown, for DetachWith and
+// DetachRecord. The zero value is the plain full teardown.
+type DetachOptions struct {
+	// Wait, after a deferred detach (a mount or another opener still holds
+	// the device), polls sysfs until the kernel has unbound it or ctx ends.
+	// The error then names the holders.
+	Wait bool
+	// Exclusive opens the device O_EXCL first: while a filesystem is mounted
+	// from it (a mount claims the block device) the detach fails with
+	// ErrInUse and touches nothing. The clear is issued on that exclusive fd,
+	// so nothing can mount the device in between.
+	Exclusive bool
+	// RemoveDevice deletes /dev/loopN with LOOP_CTL_REMOVE after the clear,
+	// as systemd does. A device attached with Options.RemoveDevice is removed
+	// either way.
+	RemoveDevice bool
+	// Logger receives debug records of the teardown; nil uses the logger the
+	// handle was made with (none by default).
+	Logger *slog.Logger
 }
 
-// DetachContext is Detach with a caller's deadline.
-func (d *Device) DetachContext(ctx context.Context) error {
+// Detach is the full teardown of an owned device: flush, lock, delete
+// partitions, LOOP_CLR_FD, and LOOP_CTL_REMOVE if the device was attached
+// with Options.RemoveDevice. It returns nil when the device was cleared, an
+// error matching ErrDetachDeferred when a mount or another opener still
+// holds it (the kernel unbinds it at the last close), and ErrNotOwned for a
+// handle that is not owned (opened or relinquished: see Unrelinquish). On
+// the block-device shortcut it equals Close. Every wait ends with ctx. The
+// handle is unusable afterwards, whatever the result.
+func (d *Device) Detach(ctx context.Context) error {
+	return d.DetachWith(ctx, DetachOptions{})
+}
+
+// DetachWith is Detach with the variants of opts. With opts.Exclusive, an
+// ErrInUse result leaves the handle open and usable.
+func (d *Device) DetachWith(ctx context.Context, opts DetachOptions) error {
+	err := d.detach(ctx, opts)
+	if opts.Wait && errors.Is(err, ErrDetachDeferred) {
+		return d.awaitUnbind(ctx)
+	}
+	return err
+}
+
+func (d *Device) detach(ctx context.Context, opts DetachOptions) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
@@ -39,33 +65,53 @@ func (d *Device) DetachContext(ctx context.Context) error {
 		return d.closeLocked()
 	}
 	if !d.owned {
-		return fmt.Errorf("detach %s: %w", d.path, ErrNotOwned)
+		// Not ours to clear, but the handle is released all the same: its
+		// fds would make the owner's detach lazy, and its lock keeps udev out.
+		return errors.Join(fmt.Errorf("detach %s: %w", d.path, ErrNotOwned), d.closeLocked())
 	}
-	// Lock order: the device lock fd goes first (and LOOP_CLR_FD must not see
-	// it as an extra opener), then the control lock.
-	if d.lock != nil {
-		d.lock.Close()
-		d.lock = nil
+	if opts.Logger != nil {
+		d.log = opts.Logger
 	}
-	ctl, err := openControl(ctx)
-	if err != nil {
-		// Without the control lock we still must not leak: fall back to a
-		// plain close, which autoclear turns into a detach.
-		return errors.Join(fmt.Errorf("detach %s: %w", d.path, err), d.closeLocked())
+	d.remove = d.remove || opts.RemoveDevice
+	if opts.Exclusive {
+		// A new OFD opened O_EXCL: EBUSY means a mount (or another exclusive
+		// opener) claims the device. Our own non-exclusive fds do not count.
+		ex, err := reopen(d.file, openBase|unix.O_RDONLY|unix.O_EXCL)
+		if err != nil {
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("detach %s: %w", d.path, ErrInUse)
+			}
+			return fmt.Errorf("detach %s: %w", d.path, err)
+		}
+		// The exclusive fd becomes the main fd and the clear is issued on
+		// it, so nothing can mount the device in between. fsync flushes the
+		// device's page cache whichever fd it is issued on.
+		d.file.Close()
+		d.file = ex
 	}
-	defer ctl.Close()
-	return d.teardownLocked(ctx, ctl)
+	return d.teardownLocked(ctx)
 }
 
-// teardownLocked runs spec 8.1 steps 3-8 with the control lock held by ctl.
-func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
+// teardownLocked clears the device with d.mu held. It takes no control lock
+// while it waits for the device lock: a prober holding LOCK_SH on the device
+// would otherwise stall every cooperating Attach on the host, and an
+// allocator that holds a device lock while it waits for the control lock
+// would deadlock against it. The device lock, held on the main fd until the
+// close, is what protects the clear: an allocator handed this number by
+// LOOP_CTL_GET_FREE blocks on it and then re-checks that the device is
+// unbound. Only LOOP_CTL_REMOVE needs the control lock, taken after the
+// close (as systemd's loop_device_free removes after closing).
+func (d *Device) teardownLocked(ctx context.Context) error {
 	if d.lock != nil {
+		// The lock OFD goes first: LOOP_CLR_FD must not see it as an
+		// extra opener, or the clear degrades into a lazy autoclear.
 		d.lock.Close()
 		d.lock = nil
 	}
 	d.uevents.Close()
 	d.closed = true
 	f := d.file
+	log := d.logger()
 	var errs []error
 	// In-flight I/O at LOOP_CLR_FD can be lost: sync first, always.
 	if err := d.flush(); err != nil {
@@ -74,51 +120,67 @@ func (d *Device) teardownLocked(ctx context.Context, ctl *ofd) error {
 	// Lock the main fd itself, not a new OFD: the lock lasts through the
 	// clear without adding an opener.
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
-		errs = append(errs, fmt.Errorf("lock %s: %w", d.path, err))
+		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
 	if _, err := deletePartitions(f, d.devnum); err != nil && !errors.Is(err, unix.ENODEV) {
 		errs = append(errs, fmt.Errorf("delete partitions: %w", err))
 	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && err != unix.ENXIO {
-		errs = append(errs, fmt.Errorf("LOOP_CLR_FD %s: %w", d.path, err))
+		errs = append(errs, fmt.Errorf("LOOP_CLR_FD: %w", err))
 		f.Close()
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
 	f.Close()
 	// From 6.11 LOOP_CLR_FD only marks autoclear; the unbind happens at the
-	// last close. Still bound with our diskseq now means someone holds it.
+	// last close. Still bound with our identity now means someone holds it.
 	if d.stillBound() {
-		log.G(ctx).WithFields(log.Fields{"device": d.path, "diskseq": d.diskseq}).Debug("loop detach deferred: device still open")
+		log.LogAttrs(ctx, slog.LevelDebug, "loop detach deferred: device still open",
+			slog.String("device", d.path), slog.Uint64("diskseq", d.diskseq))
 		errs = append(errs, ErrDetachDeferred)
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
 	if d.remove {
-		if err := removeDevice(ctx, ctl, d.nr, d.devnum); err != nil {
+		if err := removeDevice(ctx, d.nr, d.devnum); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("detach %s: %w", d.path, errors.Join(errs...))
 	}
-	log.G(ctx).WithFields(log.Fields{"device": d.path, "diskseq": d.diskseq}).Debug("loop device detached")
+	log.LogAttrs(ctx, slog.LevelDebug, "loop device detached", slog.String("device", d.path), slog.Uint64("diskseq", d.diskseq))
 	return nil
 }
 
-// stillBound reports whether the device still carries this attachment.
+// stillBound reports whether the device still carries this attachment,
+// from sysfs alone (an open would itself hold the device). With diskseq the
+// answer is exact. Without it (before 5.15) any binding is not ours: only
+// one with our backing path and offset counts, the best sysfs can tell.
 func (d *Device) stillBound() bool {
-	if _, err := os.Stat(d.devnum.SysfsDir() + "/loop/backing_file"); err != nil {
+	dir := d.devnum.SysfsDir()
+	bf, err := readAttr(dir + "/loop/backing_file")
+	if err != nil {
 		return false
 	}
-	if d.diskseq == 0 {
-		return true
+	if d.diskseq != 0 {
+		seq, err := readAttrUint(dir + "/diskseq")
+		return err == nil && seq == d.diskseq
 	}
-	seq, err := readAttrUint(d.devnum.SysfsDir() + "/diskseq")
-	return err == nil && seq == d.diskseq
+	if p, _ := splitDeleted(bf); d.backingPath == "" || p != d.backingPath {
+		return false
+	}
+	off, err := readAttrUint(dir + "/loop/offset")
+	return err == nil && off == d.offset
 }
 
-// removeDevice deletes /dev/loopN after the clear, retrying EBUSY (udev or
-// blkid may still hold it): 39 calls, 5 ms doubling every 5th (≈5.7 s).
-func removeDevice(ctx context.Context, ctl *ofd, nr int, devnum Devnum) error {
+// removeDevice deletes /dev/loopN after the clear under the control lock,
+// retrying EBUSY (udev or blkid may still hold it): 39 calls, 38 sleeps of
+// 5 ms doubling after every 5th, 5.09 s in all (systemd's loop_device_free).
+func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
+	ctl, err := openControl(ctx)
+	if err != nil {
+		return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, err)
+	}
+	defer ctl.Close()
 	delay := 5 * time.Millisecond
 	for i := 1; ; i++ {
 		err := unix.IoctlSetInt(int(ctl.Fd()), unix.LOOP_CTL_REMOVE, nr)
@@ -177,24 +239,13 @@ func (d *Device) closeLocked() error {
 	return errors.Join(errs...)
 }
 
-// DetachAndWait detaches and, if the kernel deferred the unbind, polls until
-// the device is unbound or ctx is done; then it names the holders.
-func (d *Device) DetachAndWait(ctx context.Context) error {
-	rec := d.Record()
-	err := d.DetachContext(ctx)
-	if !errors.Is(err, ErrDetachDeferred) {
-		return err
-	}
-	return awaitUnbind(ctx, rec)
-}
-
 // awaitUnbind polls sysfs (no open: an open would itself hold the device)
-// until the attachment rec names is unbound, after a deferred detach.
-func awaitUnbind(ctx context.Context, rec Record) error {
-	for (&Device{devnum: rec.Devnum, diskseq: rec.DiskSeq}).stillBound() {
+// until d's attachment is unbound, after a deferred detach.
+func (d *Device) awaitUnbind(ctx context.Context) error {
+	for d.stillBound() {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("detach %s: still held by %v: %w", rec.Path, holders(rec.Devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
+			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
 		case <-time.After(5 * time.Millisecond):
 		}
 	}

@@ -70,7 +70,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec, nr := d.Record(), d.Nr()
-	if err := d.Detach(); err != nil {
+	if err := d.Detach(bg); err != nil {
 		t.Fatal(err)
 	}
 	if p := sysPartitions(nr); len(p) != 0 && sysDiskseq(nr) == rec.DiskSeq {
@@ -100,7 +100,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 	t.Run("remove-device", func(t *testing.T) {
 		d := attachT(t, newImage(t, dir, "rm.img", 8<<20), Options{RemoveDevice: true})
 		rec, nr := d.Record(), d.Nr()
-		if err := d.Detach(); err != nil {
+		if err := d.Detach(bg); err != nil {
 			t.Fatal(err)
 		}
 		// Gone, unless another allocator already created the number again
@@ -117,7 +117,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 		mnt := mkdir(t, dir, "mnt-whole")
 		mountT(t, d.Path(), mnt, "ext4", 0, "")
 		rec := d.Record()
-		err := d.Detach()
+		err := d.Detach(bg)
 		if !errors.Is(err, ErrDetachDeferred) {
 			t.Fatalf("Detach with a mount: %v, want ErrDetachDeferred", err)
 		}
@@ -145,7 +145,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 		mnt := mkdir(t, dir, "mnt-part")
 		mountT(t, d.Path()+"p1", mnt, "ext4", 0, "")
 		rec := d.Record()
-		err := d.Detach()
+		err := d.Detach(bg)
 		if !errors.Is(err, unix.EBUSY) && !errors.Is(err, ErrDetachDeferred) {
 			t.Fatalf("Detach with a mounted partition: %v, want EBUSY reported and/or deferred", err)
 		}
@@ -184,7 +184,7 @@ func TestR16_Ownership(t *testing.T) {
 			t.Fatal("still owned after Relinquish")
 		}
 		rec := d.Record()
-		if err := d.Detach(); !errors.Is(err, ErrNotOwned) {
+		if err := d.Detach(bg); !errors.Is(err, ErrNotOwned) {
 			t.Errorf("Detach after Relinquish: %v, want ErrNotOwned", err)
 		}
 		if err := d.Close(); err != nil {
@@ -227,14 +227,14 @@ func TestR16_Ownership(t *testing.T) {
 		if o.Owned() || o.Created() {
 			t.Errorf("Open took ownership (owned=%v created=%v)", o.Owned(), o.Created())
 		}
-		if err := o.Detach(); !errors.Is(err, ErrNotOwned) {
+		if err := o.Detach(bg); !errors.Is(err, ErrNotOwned) {
 			t.Errorf("Detach of an opened device: %v, want ErrNotOwned", err)
 		}
 		if !stillOurs(rec) {
 			t.Fatal("Detach of a not-owned handle cleared the device")
 		}
-		// ErrNotOwned changes nothing, the handle included: release it, or
-		// its fd would make the next detach lazy.
+		// ErrNotOwned leaves the binding alone but releases the handle
+		// (its fd would make the next detach lazy); Close is then a no-op.
 		if err := o.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -245,7 +245,7 @@ func TestR16_Ownership(t *testing.T) {
 		if err := o.Unrelinquish(); err != nil {
 			t.Fatal(err)
 		}
-		if err := o.Detach(); err != nil {
+		if err := o.Detach(bg); err != nil {
 			t.Fatal(err)
 		}
 		waitUnbound(t, rec, 5*time.Second)
@@ -264,11 +264,11 @@ func TestR16_Ownership(t *testing.T) {
 		if !stillOurs(rec) {
 			t.Fatal("kept device went away at Close")
 		}
-		if err := DetachRecord(ctx, rec); err != nil {
+		if err := DetachRecord(ctx, rec, DetachOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		waitUnbound(t, rec, 5*time.Second)
-		if err := DetachRecord(ctx, rec); !errors.Is(err, ErrGone) {
+		if err := DetachRecord(ctx, rec, DetachOptions{}); !errors.Is(err, ErrGone) {
 			t.Errorf("second DetachRecord: %v, want ErrGone", err)
 		}
 	})
@@ -442,7 +442,7 @@ func TestDataSafety(t *testing.T) {
 				t.Fatal(err)
 			}
 			w.Close()
-			if err := d.Detach(); err != nil {
+			if err := d.Detach(bg); err != nil {
 				t.Fatal(err)
 			}
 			got := make([]byte, len(pat))
@@ -527,11 +527,11 @@ func TestNameReuse(t *testing.T) {
 			if err := Verify(rec); !errors.Is(err, ErrReused) {
 				t.Errorf("Verify: %v, want ErrReused", err)
 			}
-			if err := DetachRecord(ctx, rec); !errors.Is(err, ErrReused) {
+			if err := DetachRecord(ctx, rec, DetachOptions{}); !errors.Is(err, ErrReused) {
 				t.Errorf("DetachRecord: %v, want ErrReused", err)
 			}
 			// The old handle, already closed, must not act either.
-			if err := d.Detach(); err == nil {
+			if err := d.Detach(bg); err == nil {
 				t.Error("Detach on the closed old handle reported success")
 			}
 			if rec.DiskSeq != 0 {

@@ -1,7 +1,6 @@
 package loopdev
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -9,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/uevent"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,34 +34,6 @@ func (u *ueventSocket) Close() {
 		unix.Close(u.fd)
 		u.fd = -1
 	}
-}
-
-// Uevent is a parsed kernel uevent.
-type Uevent struct {
-	Action  string
-	Devpath string
-	Env     map[string]string
-}
-
-// ParseUevent parses a kernel uevent datagram: "ACTION@DEVPATH\0KEY=VALUE\0...".
-func ParseUevent(b []byte) (*Uevent, error) {
-	parts := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-	if len(parts) == 0 {
-		return nil, fmt.Errorf("empty uevent: %w", ErrInvalidArgument)
-	}
-	action, devpath, ok := strings.Cut(string(parts[0]), "@")
-	if !ok || action == "" || devpath == "" {
-		return nil, fmt.Errorf("uevent header %q: %w", parts[0], ErrInvalidArgument)
-	}
-	ev := &Uevent{Action: action, Devpath: devpath, Env: map[string]string{}}
-	for _, kv := range parts[1:] {
-		k, v, ok := strings.Cut(string(kv), "=")
-		if !ok || k == "" {
-			return nil, fmt.Errorf("uevent field %q: %w", kv, ErrInvalidArgument)
-		}
-		ev.Env[k] = v
-	}
-	return ev, nil
 }
 
 // WaitPartitions waits until every partition number in nrs exists for this
@@ -102,48 +74,65 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 		if err != nil || ok {
 			return err
 		}
-		if d.uevents == nil || d.uevents.fd < 0 {
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
-			case <-time.After(10 * time.Millisecond):
-			}
-			continue
+		if ctx.Err() != nil {
+			return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
 		}
 		timeout := 50
 		if dl, ok := ctx.Deadline(); ok {
 			timeout = min(timeout, int(time.Until(dl)/time.Millisecond)+1)
 		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
+		polled, err := d.drainUevents(max(timeout, 1), buf)
+		if err != nil {
+			return err
 		}
-		pfd := []unix.PollFd{{Fd: int32(d.uevents.fd), Events: unix.POLLIN}}
-		if _, err := unix.Poll(pfd, max(timeout, 1)); err != nil && err != unix.EINTR {
-			return os.NewSyscallError("poll uevent", err)
+		if !polled {
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
+			case <-time.After(10 * time.Millisecond):
+			}
 		}
-		for {
-			n, from, err := unix.Recvfrom(d.uevents.fd, buf, unix.MSG_DONTWAIT)
-			if err == unix.EAGAIN || err == unix.EINTR {
-				break
-			}
-			if err == unix.ENOBUFS {
-				break // overflow: the sysfs rescan at the loop head catches up
-			}
-			if err != nil {
-				return os.NewSyscallError("recv uevent", err)
-			}
-			if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
-				continue // only the kernel (port id 0) is trusted
-			}
-			ev, err := ParseUevent(buf[:n])
-			if err != nil {
-				continue
-			}
-			// Presence is always read from sysfs (checked against our
-			// diskseq) at the loop head; an event only says when to look.
-			if _, err := d.judgeUevent(ev); err != nil {
-				return err
-			}
+	}
+}
+
+// drainUevents waits up to timeout ms for uevents and judges every queued
+// one, with d.mu held so that a concurrent Detach cannot close the socket
+// under it. polled is false when there is no socket to wait on.
+func (d *Device) drainUevents(timeout int, buf []byte) (polled bool, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.errClosedLocked(); err != nil {
+		return false, err
+	}
+	if d.uevents == nil || d.uevents.fd < 0 {
+		return false, nil
+	}
+	pfd := []unix.PollFd{{Fd: int32(d.uevents.fd), Events: unix.POLLIN}}
+	if _, err := unix.Poll(pfd, timeout); err != nil && err != unix.EINTR {
+		return true, os.NewSyscallError("poll uevent", err)
+	}
+	for {
+		n, from, err := unix.Recvfrom(d.uevents.fd, buf, unix.MSG_DONTWAIT)
+		if err == unix.EAGAIN || err == unix.EINTR {
+			return true, nil
+		}
+		if err == unix.ENOBUFS {
+			return true, nil // overflow: the sysfs rescan at the loop head catches up
+		}
+		if err != nil {
+			return true, os.NewSyscallError("recv uevent", err)
+		}
+		if sa, ok := from.(*unix.SockaddrNetlink); !ok || sa.Pid != 0 {
+			continue // only the kernel (port id 0) is trusted
+		}
+		ev, err := uevent.Parse(buf[:n])
+		if err != nil {
+			continue
+		}
+		// Presence is always read from sysfs (checked against our diskseq)
+		// at the loop head; an event only says when to look.
+		if _, err := d.judgeUevent(ev); err != nil {
+			return true, err
 		}
 	}
 }
@@ -154,7 +143,7 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 // prompts a sysfs rescan; an event with a larger DISKSEQ proves the device
 // was reused (ErrReused); everything else (other disks, replayed events of
 // earlier attachments) is ignored.
-func (d *Device) judgeUevent(ev *Uevent) (ours bool, err error) {
+func (d *Device) judgeUevent(ev *uevent.Event) (ours bool, err error) {
 	if ev.Env["SUBSYSTEM"] != "block" || ev.Env["DEVTYPE"] != "partition" {
 		return false, nil
 	}

@@ -120,7 +120,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 	if err != nil {
 		return loopdev.Record{}, err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return loopdev.Record{}, fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -220,7 +220,7 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 	if err != nil {
 		return err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -237,7 +237,7 @@ func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey)
 // vanishes at its last close): that is counted and logged, not an error.
 func (d *devices) detachRecord(ctx context.Context, rec loopdev.Record, image string) error {
 	fields := log.Fields{"device": rec.Path, "diskseq": rec.DiskSeq, "backing_file": image}
-	err := loopdev.DetachRecord(ctx, rec)
+	err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{})
 	switch {
 	case err == nil:
 		log.G(ctx).WithFields(fields).Debug("detached device")
@@ -265,7 +265,7 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 	if err != nil {
 		return err
 	}
-	infos, err := loopdev.FindByBacking(id)
+	infos, err := loopdev.FindByBacking(image, id)
 	if err != nil {
 		return fmt.Errorf("find devices of %s: %w", image, err)
 	}
@@ -295,7 +295,7 @@ func detachUnmounted(ctx context.Context, rec loopdev.Record) error {
 	opts := loopdev.DetachOptions{Exclusive: true, Wait: true}
 	for {
 		wctx, cancel := context.WithTimeout(ctx, unbindGrace)
-		err := loopdev.DetachRecordWith(wctx, rec, opts)
+		err := loopdev.DetachRecord(wctx, rec, opts)
 		cancel()
 		if errors.Is(err, loopdev.ErrDetachDeferred) && ctx.Err() == nil {
 			return fmt.Errorf("detach %s: still bound after 10s: %v: %w", rec.Path, err, errdefs.ErrUnavailable)

@@ -26,7 +26,7 @@ type ownDevice struct {
 // backing_file is the path at attach time as renamed since; the device is
 // ours only if that path is under root.
 func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
-	infos, err := loopdev.List()
+	infos, err := loopdev.List(nil)
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)
 	}
@@ -208,7 +208,7 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 		}
 		// Wait: a lister (or a leftover mount) may hold it; callers see the
 		// device gone when Purge returns (or ctx ends).
-		err := loopdev.DetachRecordWith(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
+		err := loopdev.DetachRecord(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
 			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
 		}

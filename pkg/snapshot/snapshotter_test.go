@@ -393,7 +393,7 @@ func TestRestart(t *testing.T) {
 		t.Errorf("adopted diskseq %d, want %d", got.DiskSeq, rec.DiskSeq)
 	}
 	// Reboot: the device disappears behind our back.
-	if err := loopdev.DetachRecord(ctx, rec); err != nil {
+	if err := loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	ms3, err := s.Mounts(ctx, "a")
@@ -440,7 +440,7 @@ func TestCleanup(t *testing.T) {
 	}
 	rec := dev.Record()
 	dev.Close()
-	t.Cleanup(func() { loopdev.DetachRecord(ctx, rec) })
+	t.Cleanup(func() { loopdev.DetachRecord(ctx, rec, loopdev.DetachOptions{}) })
 	st, err := s.Status(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -505,7 +505,7 @@ func TestDirectIO(t *testing.T) {
 		if !ok {
 			t.Fatal("no device")
 		}
-		infos, err := loopdev.List()
+		infos, err := loopdev.List(nil)
 		if err != nil {
 			t.Fatal(err)
 		}
