@@ -2,6 +2,8 @@
 # `make test` and `make demo` need root; `make test-unit` does not.
 
 SHELL := /bin/bash
+# pipefail: a `go test -json | testsummary` pass fails when go test does.
+.SHELLFLAGS := -o pipefail -c
 # Go 1.26 from /usr/local/go (where go.dev's tarball installs) wins over an
 # older distribution Go on PATH.
 export PATH := $(if $(wildcard /usr/local/go/bin/go),/usr/local/go/bin:)$(PATH):$(CURDIR)/bin/tools
@@ -28,6 +30,18 @@ export LOOPKIT_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
 # Extra flags for every `go test` (for example GOTESTFLAGS=-v).
 GOTESTFLAGS ?=
+# Debian packages the tests use; `make test` installs the missing ones
+# without starting their services (scripts/test-setup.sh).
+TEST_PACKAGES ?= containerd runc podman e2fsprogs erofs-utils squashfs-tools xfsprogs fdisk \
+	dosfstools util-linux mount busybox-static udev kmod jq systemd
+# Under `make test` a test whose tool is missing fails, naming the tool and
+# how to install it; `make test-unit` and plain `go test` skip instead.
+TEST_REQUIRE := LOOPKIT_TEST_REQUIRE=1
+# Every `make test` pass runs `go test -json` through testsummary: go test's
+# usual lines, then each skip with its reason and one line
+# "PASS: N ran, N skipped, N passed, N failed".
+SUMMARY     := $(CURDIR)/bin/testsummary
+summary      = $(SUMMARY) $(if $(filter -v,$(GOTESTFLAGS)),-v) -pass
 # Tests of pkg/loopdev re-run with systemd-udevd running, and their env
 # (LOOPKIT_TEST_SCALE=1: the scaled stress run, 32 goroutines x 20 + 4 procs).
 LOOPDEV_STRESS_RUN ?= TestR01_|TestR19|HeavyDuty|Stress
@@ -39,7 +53,7 @@ LOOPDEV_MOD := pkg/loopdev
 BENCH_FLAGS ?= -workers 1,8,32 -n 512
 BENCH_TIME  ?= 200x
 
-.PHONY: all build test test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
+.PHONY: all build test test-setup test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
 
 all: build
 
@@ -53,16 +67,25 @@ build:
 # (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
 # detector; the scaled stress run (32 goroutines x 20 iterations plus 4
 # processes) without and then with systemd-udevd probing every device.
-# Stops at the first failing step; the last lines are go test's own.
-test: require-root
+# Stops at the first failing step; each pass ends with its summary line
+# (skips with their reasons, then "N ran, N skipped, N passed, N failed").
+test: require-root test-setup tools $(SUMMARY)
 	$(GO) vet -tags integration ./...
 	$(GO) vet -C $(LOOPDEV_MOD) -tags integration ./...
-	$(GO) test $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./...
-	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./...
-	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m ./...
-	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' .
-	$(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
-	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
+	$(TEST_REQUIRE) $(GO) test -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./... | $(summary) integration
+	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./... | $(summary) loopdev
+	$(TEST_REQUIRE) LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m ./... | $(summary) loopdev-legacy
+	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' . | $(summary) loopdev-race
+	$(TEST_REQUIRE) $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress
+	scripts/with-udevd.sh env $(TEST_REQUIRE) LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress-udevd
+
+# Packages, Go modules, no daemon left running by the install.
+test-setup: require-root
+	scripts/test-setup.sh $(TEST_PACKAGES)
+
+$(SUMMARY): internal/testsummary/main.go
+	@mkdir -p bin
+	$(GO) build -o $@ ./internal/testsummary
 
 test-unit:
 	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...
