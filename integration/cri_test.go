@@ -246,6 +246,15 @@ func criCheckLoopRoot(t *testing.T, n *criNode, what string, pid int) string {
 			continue
 		}
 		fstype, source := fields[sep+1], fields[sep+2]
+		if n.mode != "flat" {
+			// Overlay-based modes: / is an overlay of the snapshotter's
+			// layers; which devices back them, loop-snapshotter status says.
+			if fstype != "overlay" {
+				t.Fatalf("%s (pid %d): / is %s in %s mode, want overlay:\n%s", what, pid, fstype, n.mode, s.Text())
+			}
+			t.Logf("%s rootfs: overlay (%s mode)", what, n.mode)
+			return fmt.Sprintf("overlay:%s", fields[2])
+		}
 		if fstype != "ext4" || !strings.HasPrefix(source, "/dev/loop") {
 			t.Fatalf("%s (pid %d): / is %s from %s, want ext4 on /dev/loopN:\n%s", what, pid, fstype, source, s.Text())
 		}
