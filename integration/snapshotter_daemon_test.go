@@ -26,7 +26,7 @@ import (
 
 // snapTestConfig is the snapshotter configuration of these tests: small
 // sparse images (still 4 KiB blocks) keep 128LayersMount and mkfs cheap.
-const snapTestConfig = "default_size = \"64MiB\"\nmax_size = \"4GiB\"\n"
+const snapTestConfig = "mode = \"flat\"\ndefault_size = \"64MiB\"\nmax_size = \"4GiB\"\n"
 
 // snapBuild builds cmd/loop-snapshotter into dir.
 func snapBuild(t *testing.T, dir string) string {

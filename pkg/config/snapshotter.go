@@ -94,6 +94,7 @@ type Snapshotter struct {
 	Address        string   `toml:"address"`
 	LogLevel       string   `toml:"log_level"`
 	Mode           string   `toml:"mode"`
+	LayerBacking   string   `toml:"layer_backing"`
 	MountMode      string   `toml:"mount_mode"`
 	FSType         string   `toml:"fs_type"`
 	DefaultSize    ByteSize `toml:"default_size"`
@@ -105,6 +106,18 @@ type Snapshotter struct {
 	MetricsAddress string   `toml:"metrics_address"`
 }
 
+// Storage modes. An empty Mode means: the mode recorded in the root, or
+// ModeLayered for a new root.
+const (
+	// ModeLayered stores committed layers as erofs images shared by every
+	// snapshot above them; an active snapshot is an overlay whose upper lives
+	// on its own size-limited ext4 image.
+	ModeLayered = "layered"
+	// ModeFlat stores one cumulative ext4 image per snapshot, one loop device
+	// per container.
+	ModeFlat = "flat"
+)
+
 // MinSnapshotSize is the smallest filesystem a snapshot may have: the
 // template carries a 16 MiB journal.
 const MinSnapshotSize = 32 << 20
@@ -115,7 +128,8 @@ func DefaultSnapshotter() Snapshotter {
 		Root:          DefaultSnapshotterRoot,
 		Address:       DefaultSnapshotterAddress,
 		LogLevel:      "info",
-		Mode:          "flat",
+		Mode:          "",
+		LayerBacking:  "auto",
 		MountMode:     "device",
 		FSType:        "ext4",
 		DefaultSize:   10 << 30,
@@ -179,11 +193,14 @@ func (c *Snapshotter) Validate() error {
 		return bad("log_level", "%q is not one of debug, info, warn, error", c.LogLevel)
 	}
 	switch c.Mode {
-	case "flat":
-	case "overlay":
-		return bad("mode", `"overlay" is not implemented yet; use "flat"`)
+	case "", ModeLayered, ModeFlat:
 	default:
-		return bad("mode", "%q is not one of flat, overlay", c.Mode)
+		return bad("mode", "%q is not one of layered, flat", c.Mode)
+	}
+	switch c.LayerBacking {
+	case "auto", "loop", "file":
+	default:
+		return bad("layer_backing", "%q is not one of auto, loop, file", c.LayerBacking)
 	}
 	switch c.MountMode {
 	case "device":

@@ -44,7 +44,7 @@ func TestSnapshotterDefaultsValid(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Root != DefaultSnapshotterRoot || c.Address != DefaultSnapshotterAddress || c.DefaultSize != 10<<30 ||
-		time.Duration(c.CleanupGrace) != 10*time.Minute || c.Mode != "flat" || c.MountMode != "device" {
+		time.Duration(c.CleanupGrace) != 10*time.Minute || c.Mode != "" || c.LayerBacking != "auto" || c.MountMode != "device" {
 		t.Errorf("defaults: %+v", c)
 	}
 }
@@ -89,6 +89,7 @@ attach_on_start = "eager"
 	for _, tc := range []struct{ body, key string }{
 		{`bogus = 1`, "bogus"},
 		{`mode = "overlay"`, "mode"},
+		{`layer_backing = "nbd"`, "layer_backing"},
 		{`mount_mode = "loop-option"`, "mount_mode"},
 		{`fs_type = "xfs"`, "fs_type"},
 		{`default_size = "1MiB"`, "default_size"},

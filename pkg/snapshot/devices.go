@@ -125,7 +125,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 		return loopdev.Record{}, fmt.Errorf("find devices of %s: %w", image, err)
 	}
 	for _, info := range infos {
-		if info.Offset != 0 || info.ReadOnly != (k.role == roleRO) {
+		if info.Offset != 0 || info.ReadOnly != (k.role.readOnly()) {
 			continue
 		}
 		rec := info.Record()
@@ -140,7 +140,7 @@ func (d *devices) ensureLocked(ctx context.Context, k devKey, image string) (loo
 		return rec, nil
 	}
 	access := loopdev.AccessReadWrite
-	if k.role == roleRO {
+	if k.role.readOnly() {
 		access = loopdev.AccessReadOnly
 	}
 	dev, err := loopdev.Attach(ctx, image, loopdev.Options{

@@ -38,16 +38,8 @@ const (
 // directory 0755 owned by 0:0, no lost+found (the conformance suite compares
 // a fresh snapshot with an empty directory).
 func makeTemplate(ctx context.Context, path string, size int64) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return fmt.Errorf("create template %s: %w", path, err)
-	}
-	err = f.Truncate(size)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("size template %s: %w", path, err)
+	if err := createSized(path, size); err != nil {
+		return err
 	}
 	// lazy_journal_init: the journal lies in holes of a new sparse file,
 	// which read as zeros, so mke2fs need not write 16 MiB of them. Discard
@@ -63,6 +55,22 @@ func makeTemplate(ctx context.Context, path string, size int64) error {
 		return err
 	}
 	return syncPath(path)
+}
+
+// createSized creates a new sparse file of size bytes.
+func createSized(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("create template %s: %w", path, err)
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("size template %s: %w", path, err)
+	}
+	return nil
 }
 
 // cloneImage copies src to a new file dst: FICLONE where the filesystem

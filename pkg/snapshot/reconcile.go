@@ -44,6 +44,8 @@ func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
 				r = roleRO
 			}
 			d.key = devKey{parts[1], r}
+		} else if !deleted && s.layered() {
+			d.key = layeredKey(rel, info.ReadOnly)
 		}
 		out = append(out, d)
 	}
@@ -55,6 +57,9 @@ func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
 // adopted (autoclear cleared), the others are detached, and with
 // attach_on_start = "eager" missing devices are attached.
 func (s *Snapshotter) reconcile(ctx context.Context) error {
+	if s.layered() {
+		return s.lreconcile(ctx)
+	}
 	staging := filepath.Join(s.root, "staging")
 	entries, err := os.ReadDir(staging)
 	if err != nil {
@@ -112,6 +117,9 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 // record, and loop devices on images under root that no live snapshot
 // needs.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	if s.layered() {
+		return s.lcleanup(ctx)
+	}
 	var errs []error
 	s.cleanupMu.Lock()
 	needed, ids, err := s.liveDevices(ctx)
@@ -194,6 +202,11 @@ func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error
 // it before Close so that a conformance-suite run leaves no device behind;
 // the daemon never does (running containers keep their devices).
 func (s *Snapshotter) Purge(ctx context.Context) error {
+	if s.layered() {
+		// Uppers first: their overlays' lowers are the layer mounts.
+		unmountUnder(filepath.Join(s.root, "u"))
+		unmountUnder(filepath.Join(s.root, "l"))
+	}
 	own, err := s.ownDevices()
 	if err != nil {
 		return err

@@ -57,11 +57,13 @@ func WithFaultHook(fn func(step string)) Opt {
 // Snapshotter is the flat-mode loop snapshotter. It implements
 // snapshots.Snapshotter and snapshots.Cleaner.
 type Snapshotter struct {
-	root string
-	cfg  config.Snapshotter
-	ms   *storage.MetaStore
-	lock *os.File
-	devs *devices
+	root    string
+	cfg     config.Snapshotter
+	mode    string // resolved storage mode of this root
+	backing string // layered mode: how layers are mounted, backingFile or backingLoop
+	ms      *storage.MetaStore
+	lock    *os.File
+	devs    *devices
 
 	// cleanupMu keeps Cleanup's scan of snapshots/ and staging/ away from a
 	// Prepare between its staging clone and its committed rename.
@@ -125,9 +127,18 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	if err := s.checkMode(); err != nil {
 		return nil, err
 	}
-	for _, d := range []string{"templates", "snapshots", "staging", "trash"} {
+	dirs := []string{"templates", "snapshots", "staging", "trash"}
+	if s.layered() {
+		dirs = layeredDirs
+	}
+	for _, d := range dirs {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	if s.layered() {
+		if s.backing, err = s.layerBacking(ctx); err != nil {
+			return nil, err
 		}
 	}
 	s.ms, err = storage.NewMetaStore(filepath.Join(root, "metadata.db"))
@@ -159,22 +170,65 @@ func (s *Snapshotter) lockRoot() error {
 	return nil
 }
 
-// checkMode records the storage mode in a new root and refuses a root made
-// in another mode (spec §3).
+// checkMode resolves the storage mode: the one recorded in the root, else
+// the configured one (layered when unset) for a new root, which it records.
+// A root made in another mode than the configured one is refused: the two
+// layouts share no file.
 func (s *Snapshotter) checkMode() error {
 	p := filepath.Join(s.root, "mode")
 	b, err := os.ReadFile(p)
 	if errors.Is(err, os.ErrNotExist) {
-		return os.WriteFile(p, []byte(s.cfg.Mode+"\n"), 0o600)
+		s.mode = s.cfg.Mode
+		if s.mode == "" {
+			s.mode = config.ModeLayered
+		}
+		return writeModeFile(p, s.mode)
 	}
 	if err != nil {
 		return err
 	}
-	if m := strings.TrimSpace(string(b)); m != s.cfg.Mode {
-		return fmt.Errorf("root %s was created in mode %q, configured mode is %q: %w", s.root, m, s.cfg.Mode, errdefs.ErrFailedPrecondition)
+	m := strings.TrimSpace(string(b))
+	if m != config.ModeFlat && m != config.ModeLayered {
+		return fmt.Errorf("root %s: mode file holds %q, not layered or flat: %w", s.root, m, errdefs.ErrFailedPrecondition)
 	}
+	if s.cfg.Mode != "" && m != s.cfg.Mode {
+		return fmt.Errorf("root %s holds a %s-mode store but mode = %q is configured: remove the mode key to keep using it, "+
+			"or point root at a new directory and pull images again to move to %s mode: %w", s.root, m, s.cfg.Mode, s.cfg.Mode, errdefs.ErrFailedPrecondition)
+	}
+	s.mode = m
 	return nil
 }
+
+// writeModeFile writes the mode file durably: an empty mode file after a
+// crash on first start would make the next start refuse the root.
+func writeModeFile(p, mode string) error {
+	tmp := p + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteString(mode + "\n")
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("record mode: %w", err)
+	}
+	syncDir(filepath.Dir(p))
+	return nil
+}
+
+// Mode returns the storage mode of the open root ("layered" or "flat").
+func (s *Snapshotter) Mode() string { return s.mode }
+
+func (s *Snapshotter) layered() bool { return s.mode == config.ModeLayered }
 
 func (s *Snapshotter) imagePath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "image")
@@ -209,6 +263,9 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // an active snapshot two stats (image and parent image), for a committed
 // one the value stored at Commit.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
+	if s.layered() {
+		return s.lusage(ctx, key)
+	}
 	var (
 		id, parentID string
 		info         snapshots.Info
@@ -267,6 +324,9 @@ func imageUsage(image, parent string) (snapshots.Usage, error) {
 // Prepare creates an active snapshot: a clone of the parent image (or of an
 // empty template) attached read-write.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lcreate(ctx, snapshots.KindActive, key, parent, opts)
+	}
 	return s.create(ctx, snapshots.KindActive, key, parent, opts)
 }
 
@@ -274,6 +334,9 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 // parent's image through one read-only device; a view without a parent
 // gets its own empty image.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lcreate(ctx, snapshots.KindView, key, parent, opts)
+	}
 	return s.create(ctx, snapshots.KindView, key, parent, opts)
 }
 
@@ -309,26 +372,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return nil, err
 	}
 	// Cheap checks first, so a bad request clones nothing.
-	var parentID string
-	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
-			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
-		} else if !errdefs.IsNotFound(err) {
-			return err
-		}
-		if parent == "" {
-			return nil
-		}
-		id, pinfo, _, err := storage.GetInfo(ctx, parent)
-		if err != nil {
-			return fmt.Errorf("parent %q: %w", parent, err)
-		}
-		if pinfo.Kind != snapshots.KindCommitted {
-			return fmt.Errorf("parent %q is not a committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
-		}
-		parentID = id
-		return nil
-	})
+	parentID, err := s.checkNew(ctx, key, parent)
 	if err != nil {
 		return nil, err
 	}
@@ -353,6 +397,31 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		r = roleRO
 	}
 	return s.attachNew(ctx, key, sn, devKey{sn.ID, r}, s.imagePath(sn.ID))
+}
+
+// checkNew verifies that key is free and that parent, if any, is
+// committed, and returns the parent's id.
+func (s *Snapshotter) checkNew(ctx context.Context, key, parent string) (parentID string, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
+			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		if parent == "" {
+			return nil
+		}
+		id, pinfo, _, err := storage.GetInfo(ctx, parent)
+		if err != nil {
+			return fmt.Errorf("parent %q: %w", parent, err)
+		}
+		if pinfo.Kind != snapshots.KindCommitted {
+			return fmt.Errorf("parent %q is not a committed snapshot: %w", parent, errdefs.ErrInvalidArgument)
+		}
+		parentID = id
+		return nil
+	})
+	return parentID, err
 }
 
 // createImage clones the source image into staging, then records the
@@ -480,7 +549,12 @@ func (s *Snapshotter) mounts(device string, r role) []mount.Mount {
 // template returns the path of the empty ext4 image of the given size,
 // making it on first use.
 func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) {
-	p := filepath.Join(s.root, "templates", "ext4-"+strconv.FormatInt(size, 10)+".img")
+	return s.templateFile(ctx, "ext4-", size, makeTemplate)
+}
+
+// templateFile returns templates/<prefix><size>.img, made by mk on first use.
+func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int64, mk func(context.Context, string, int64) error) (string, error) {
+	p := filepath.Join(s.root, "templates", prefix+strconv.FormatInt(size, 10)+".img")
 	s.tmplMu.Lock()
 	defer s.tmplMu.Unlock()
 	if _, err := os.Stat(p); err == nil {
@@ -488,7 +562,7 @@ func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) 
 	}
 	tmp := p + ".tmp"
 	os.Remove(tmp)
-	if err := makeTemplate(ctx, tmp, size); err != nil {
+	if err := mk(ctx, tmp, size); err != nil {
 		os.Remove(tmp)
 		return "", err
 	}
@@ -501,6 +575,9 @@ func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) 
 // Mounts returns the mounts of an active snapshot or view, re-attaching its
 // device if it is gone (host reboot, detached by hand) or was reused.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	if s.layered() {
+		return s.lmounts(ctx, key)
+	}
 	var sn storage.Snapshot
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
 		sn, err = storage.GetSnapshot(ctx, key)
@@ -532,27 +609,10 @@ func deviceFor(sn storage.Snapshot) devKey {
 // Commit turns an unmounted active snapshot into a committed one: detach
 // its device, replay a dirty journal, fsync, make the image read-only.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
-	var id, parentID string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		if info.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
-		}
-		if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
-			return fmt.Errorf("committed snapshot %v: %w", name, errdefs.ErrAlreadyExists)
-		}
-		if info.Parent != "" {
-			parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
-		}
-		return err
-	})
+	if s.layered() {
+		return s.lcommit(ctx, name, key, opts)
+	}
+	id, parentID, err := s.checkCommit(ctx, name, key)
 	if err != nil {
 		return err
 	}
@@ -592,9 +652,35 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	return nil
 }
 
+// checkCommit verifies that key is active and name is free, and returns
+// the ids of the snapshot and of its parent.
+func (s *Snapshotter) checkCommit(ctx context.Context, name, key string) (id, parentID string, err error) {
+	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var info snapshots.Info
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
+			return fmt.Errorf("committed snapshot %v: %w", name, errdefs.ErrAlreadyExists)
+		}
+		if info.Parent != "" {
+			parentID, _, _, err = storage.GetInfo(ctx, info.Parent)
+		}
+		return err
+	})
+	return id, parentID, err
+}
+
 // Remove deletes the record, detaches the snapshot's devices and moves its
 // image to trash; Cleanup deletes the trash.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	if s.layered() {
+		return s.lremove(ctx, key)
+	}
 	var (
 		id, parentID string
 		kind         snapshots.Kind

@@ -13,11 +13,15 @@ import (
 
 // Status is what `loop-snapshotter status` prints.
 type Status struct {
-	Root      string           `json:"root"`
-	Snapshots []SnapshotStatus `json:"snapshots"`
-	Orphans   []DeviceStatus   `json:"orphans"`
-	Trash     int              `json:"trash_entries"`
-	Staging   int              `json:"staging_entries"`
+	Root string `json:"root"`
+	// Mode is the storage mode of the root; LayerBacking, in layered mode,
+	// how layers are mounted ("file" or "loop").
+	Mode         string           `json:"mode"`
+	LayerBacking string           `json:"layer_backing,omitempty"`
+	Snapshots    []SnapshotStatus `json:"snapshots"`
+	Orphans      []DeviceStatus   `json:"orphans"`
+	Trash        int              `json:"trash_entries"`
+	Staging      int              `json:"staging_entries"`
 }
 
 // SnapshotStatus describes one snapshot and its device, if attached.
@@ -30,6 +34,8 @@ type SnapshotStatus struct {
 	Usage     int64  `json:"usage"`
 	Device    string `json:"device,omitempty"`
 	DiskSeq   uint64 `json:"diskseq,omitempty"`
+	// Mounted: a layer's erofs image is mounted (layered mode).
+	Mounted bool `json:"mounted,omitempty"`
 }
 
 // DeviceStatus describes a loop device backed by a file under root.
@@ -43,33 +49,10 @@ type DeviceStatus struct {
 // Status lists every snapshot with its size limit, usage and device, and
 // the devices under root that no live snapshot needs (orphans).
 func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
-	type entry struct {
-		id    string
-		info  snapshots.Info
-		usage snapshots.Usage
-		sn    storage.Snapshot
+	if s.layered() {
+		return s.lstatus(ctx)
 	}
-	var entries []entry
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
-			id, _, usage, err := storage.GetInfo(ctx, info.Name)
-			if err != nil {
-				return err
-			}
-			e := entry{id: id, info: info, usage: usage}
-			if info.Kind != snapshots.KindCommitted {
-				if e.sn, err = storage.GetSnapshot(ctx, info.Name); err != nil {
-					return err
-				}
-			}
-			entries = append(entries, e)
-			return nil
-		})
-		if errdefs.IsNotFound(err) {
-			return nil
-		}
-		return err
-	})
+	entries, err := s.statusEntries(ctx)
 	if err != nil {
 		return Status{}, err
 	}
@@ -83,7 +66,7 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 			byKey[d.key] = d
 		}
 	}
-	st := Status{Root: s.root, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}}
+	st := s.statusHead()
 	needed := map[devKey]bool{}
 	for _, e := range entries {
 		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
@@ -119,11 +102,57 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
 	}
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].Key < st.Snapshots[j].Key })
+	s.statusTail(&st)
+	return st, nil
+}
+
+// statusEntry is one snapshot's record; sn only for active ones and views.
+type statusEntry struct {
+	id    string
+	info  snapshots.Info
+	usage snapshots.Usage
+	sn    storage.Snapshot
+}
+
+func (s *Snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) {
+	var entries []statusEntry
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			id, _, usage, err := storage.GetInfo(ctx, info.Name)
+			if err != nil {
+				return err
+			}
+			e := statusEntry{id: id, info: info, usage: usage}
+			if info.Kind != snapshots.KindCommitted {
+				if e.sn, err = storage.GetSnapshot(ctx, info.Name); err != nil {
+					return err
+				}
+			}
+			entries = append(entries, e)
+			return nil
+		})
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	})
+	return entries, err
+}
+
+func (s *Snapshotter) statusHead() Status {
+	st := Status{Root: s.root, Mode: s.mode, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}}
+	if s.layered() {
+		st.LayerBacking = s.backing
+	}
+	return st
+}
+
+// statusTail counts the trash and staging entries.
+func (s *Snapshotter) statusTail(st *Status) {
 	if es, err := os.ReadDir(filepath.Join(s.root, "trash")); err == nil {
 		st.Trash = len(es)
 	}
 	if es, err := os.ReadDir(filepath.Join(s.root, "staging")); err == nil {
 		st.Staging = len(es)
 	}
-	return st, nil
 }
