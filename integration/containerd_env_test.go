@@ -24,7 +24,7 @@ import (
 // snapshotterModes lists the snapshotter's storage modes every
 // containerd-facing test runs in. A mode is the `mode` key of the
 // snapshotter's configuration.
-var snapshotterModes = []string{"flat"}
+var snapshotterModes = []string{config.ModeFlat, config.ModeLayered}
 
 // ctdDaemon is one containerd release the tests run against: its binaries
 // and what differs between the 1.x and 2.x configuration formats.
@@ -45,7 +45,7 @@ const containerd2Version = "2.4.2"
 // PATH and the 2.x that `make tools` builds into bin/tools (directory in
 // LOOPKIT_CONTAINERD2_DIR, set by the Makefile). A missing one is a subtest
 // that skips, or fails under `make test`, with how to install it.
-func ctdDaemons(t *testing.T) []ctdDaemon {
+func ctdDaemons(t testing.TB) []ctdDaemon {
 	t.Helper()
 	var out []ctdDaemon
 	v1 := ctdDaemon{major: 1, name: "containerd-1.6"}
@@ -259,7 +259,7 @@ func ctdStart(t *testing.T, d ctdDaemon, mode, snapConfig string) *ctdEnv {
 func (e *ctdEnv) containerdConfig() string {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
 	if e.d.major >= 2 {
-		return ctdConfigV3(ctdPaths{dir: e.dir, sock: e.sock, snapSock: e.snap.sock, shimDir: e.shimDir}, false)
+		return ctdConfig2(ctdPaths{dir: e.dir, sock: e.sock, snapSock: e.snap.sock, shimDir: e.shimDir}, false)
 	}
 	return fmt.Sprintf(`version = 2
 root = %s
@@ -290,13 +290,15 @@ type ctdPaths struct {
 	dir      string // root, state, temp and opt live below it
 	sock     string // gRPC socket; ttrpc is sock + ".ttrpc"
 	snapSock string // loop-snapshotter's socket
+	proxies  string // instead of snapSock: the [proxy_plugins] tables
 	shimDir  string // shim sockets (short path)
 }
 
-// ctdConfigV3 is a containerd 2.x configuration (version 3) with every path
+// ctdConfig2 is a containerd 2.x configuration (version 4, as containerd
+// config migrate prints it) with every path
 // private: what a 2.x instance needs beyond the 1.6 settings. With cri
 // false the CRI plugins are disabled.
-func ctdConfigV3(p ctdPaths, cri bool) string {
+func ctdConfig2(p ctdPaths, cri bool) string {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
 	disabled := `"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"`
@@ -304,23 +306,23 @@ func ctdConfigV3(p ctdPaths, cri bool) string {
 		disabled += `, "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
   "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"`
 	}
-	return fmt.Sprintf(`version = 3
+	proxies := p.proxies
+	if proxies == "" {
+		proxies = fmt.Sprintf("  [proxy_plugins.loop]\n    type = \"snapshot\"\n    address = %s\n", q(p.snapSock))
+	}
+	return fmt.Sprintf(`version = 4
 root = %s
 state = %s
 temp = %s
 disabled_plugins = [%s]
 
-[grpc]
-  address = %s
-[ttrpc]
-  address = %s
-
 [proxy_plugins]
-  [proxy_plugins.loop]
-    type = "snapshot"
-    address = %s
-
+%s
 [plugins]
+  [plugins.'io.containerd.server.v1.grpc']
+    address = %s
+  [plugins.'io.containerd.server.v1.ttrpc']
+    address = %s
   [plugins.'io.containerd.internal.v1.opt']
     path = %s
   # 2.x puts shim sockets in /run/containerd/s otherwise.
@@ -338,7 +340,7 @@ disabled_plugins = [%s]
     platform = %s
     snapshotter = "overlayfs"
 `, q(filepath.Join(p.dir, "root")), q(filepath.Join(p.dir, "state")), q(filepath.Join(p.dir, "tmp")), disabled,
-		q(p.sock), q(p.sock+".ttrpc"), q(p.snapSock), q(filepath.Join(p.dir, "opt")), q(p.shimDir),
+		proxies, q(p.sock), q(p.sock+".ttrpc"), q(filepath.Join(p.dir, "opt")), q(p.shimDir),
 		q("linux/"+runtime.GOARCH), q("linux/"+runtime.GOARCH))
 }
 
@@ -447,7 +449,7 @@ func ctdLayeredImage(t *testing.T, path, ref, busyboxPath string) {
 }
 
 // ctdWriteImage writes an OCI image archive (what `ctr image import` reads).
-func ctdWriteImage(t *testing.T, path, ref string, layers []criBlob, cmd []string) {
+func ctdWriteImage(t testing.TB, path, ref string, layers []criBlob, cmd []string) {
 	t.Helper()
 	diffIDs := make([]string, 0, len(layers))
 	descs := make([]map[string]any, 0, len(layers))

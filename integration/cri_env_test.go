@@ -19,7 +19,7 @@ import (
 )
 
 // criRepoRoot returns the module root (the directory holding go.mod).
-func criRepoRoot(t *testing.T) string {
+func criRepoRoot(t testing.TB) string {
 	t.Helper()
 	dir, err := os.Getwd()
 	if err != nil {
@@ -39,7 +39,7 @@ func criRepoRoot(t *testing.T) string {
 
 // criGoBuild builds the main package pkg (relative to the repository root)
 // into dir and returns the binary's path.
-func criGoBuild(t *testing.T, repo, pkg, dir string) string {
+func criGoBuild(t testing.TB, repo, pkg, dir string) string {
 	t.Helper()
 	out := filepath.Join(dir, filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-o", out, "./"+pkg)
@@ -90,7 +90,7 @@ type criProc struct {
 	err  error
 }
 
-func criStart(t *testing.T, name, logPath string, env []string, argv ...string) *criProc {
+func criStart(t testing.TB, name, logPath string, env []string, argv ...string) *criProc {
 	t.Helper()
 	return criStartActivated(t, name, logPath, env, nil, argv...)
 }
@@ -119,7 +119,7 @@ func criBindSocket(t *testing.T, path string) *os.File {
 // LISTEN_FDS=1 and LISTEN_PID set to the child's pid, the socket-activation
 // protocol. LISTEN_PID must be the child's own pid, known only after fork:
 // the child is started through sh, which sets it and execs the daemon.
-func criStartActivated(t *testing.T, name, logPath string, env []string, listen *os.File, argv ...string) *criProc {
+func criStartActivated(t testing.TB, name, logPath string, env []string, listen *os.File, argv ...string) *criProc {
 	t.Helper()
 	if listen != nil {
 		argv = append([]string{"/bin/sh", "-c", `export LISTEN_PID=$$; exec "$@"`, "sh"}, argv...)
@@ -191,7 +191,7 @@ func (p *criProc) tail(n int) string {
 
 // criWaitSocket waits until a unix socket accepts connections, failing early
 // if the daemon that should serve it exits.
-func criWaitSocket(t *testing.T, p *criProc, sock string, timeout time.Duration) {
+func criWaitSocket(t testing.TB, p *criProc, sock string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
