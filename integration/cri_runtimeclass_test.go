@@ -68,9 +68,8 @@ func TestCRIRuntimeClassSnapshotter(t *testing.T) {
 		loopPod, pid := run("runc-loop")
 		criCheckLoopRoot(t, n, "runc-loop container", pid)
 		defPod, pid := run("default")
-		fstype, source := criRootMount(t, pid)
-		if fstype != "overlay" || strings.HasPrefix(source, "/dev/loop") {
-			t.Errorf("default-handler container: / is %s from %s, want overlayfs", fstype, source)
+		if fstype, opts := criRootMount(t, pid); fstype != "overlay" || strings.Contains(opts, n.snapRoot) {
+			t.Errorf("default-handler container: / is %s (%s), want containerd's overlayfs, not loop's", fstype, opts)
 		}
 		for _, p := range []string{loopPod, defPod} {
 			n.crictlRun("stopp", p)
@@ -89,9 +88,9 @@ func TestCRIRuntimeClassSnapshotter(t *testing.T) {
 	})
 }
 
-// criRootMount returns the filesystem type and source of / as process pid
-// sees it.
-func criRootMount(t *testing.T, pid int) (fstype, source string) {
+// criRootMount returns the filesystem type and super options of / as
+// process pid sees it.
+func criRootMount(t *testing.T, pid int) (fstype, options string) {
 	t.Helper()
 	f, err := os.Open(fmt.Sprintf("/proc/%d/mountinfo", pid))
 	if err != nil {
@@ -105,8 +104,8 @@ func criRootMount(t *testing.T, pid int) (fstype, source string) {
 			continue
 		}
 		for i, fld := range fields {
-			if fld == "-" && i+2 < len(fields) {
-				return fields[i+1], fields[i+2]
+			if fld == "-" && i+3 < len(fields) {
+				return fields[i+1], fields[i+3]
 			}
 		}
 	}

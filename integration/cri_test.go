@@ -247,13 +247,27 @@ func criCheckLoopRoot(t *testing.T, n *criNode, what string, pid int) string {
 		}
 		fstype, source := fields[sep+1], fields[sep+2]
 		if n.mode != "flat" {
-			// Overlay-based modes: / is an overlay of the snapshotter's
-			// layers; which devices back them, loop-snapshotter status says.
-			if fstype != "overlay" {
-				t.Fatalf("%s (pid %d): / is %s in %s mode, want overlay:\n%s", what, pid, fstype, n.mode, s.Text())
+			// Overlay-based modes: / is an overlay whose layers and upper
+			// live under the snapshotter's root; the upper directory is on
+			// the container's own size-limited ext4 loop device.
+			if fstype != "overlay" || sep+3 >= len(fields) || !strings.Contains(fields[sep+3], "lowerdir="+n.snapRoot+"/") {
+				t.Fatalf("%s (pid %d): / in %s mode is not an overlay of %s's layers:\n%s", what, pid, n.mode, n.snapRoot, s.Text())
 			}
-			t.Logf("%s rootfs: overlay (%s mode)", what, n.mode)
-			return fmt.Sprintf("overlay:%s", fields[2])
+			var upper string
+			for _, o := range strings.Split(fields[sep+3], ",") {
+				if v, ok := strings.CutPrefix(o, "upperdir="); ok {
+					upper = v
+				}
+			}
+			dev, mp := criMountOf(t, upper)
+			if !strings.HasPrefix(dev, "/dev/loop") {
+				t.Fatalf("%s: upper %s is on %s (mounted at %s), not on a loop device", what, upper, dev, mp)
+			}
+			if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")); err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), n.snapRoot+"/") {
+				t.Errorf("%s: upper device %s is backed by %q (%v), not by an image under %s", what, dev, b, err, n.snapRoot)
+			}
+			t.Logf("%s rootfs: overlay (%s mode), upper on %s at %s", what, n.mode, dev, mp)
+			return dev
 		}
 		if fstype != "ext4" || !strings.HasPrefix(source, "/dev/loop") {
 			t.Fatalf("%s (pid %d): / is %s from %s, want ext4 on /dev/loopN:\n%s", what, pid, fstype, source, s.Text())
@@ -274,6 +288,32 @@ func criCheckLoopRoot(t *testing.T, n *criNode, what string, pid int) string {
 	}
 	t.Fatalf("%s (pid %d): no / in mountinfo", what, pid)
 	return ""
+}
+
+// criMountOf returns the source and mount point of the host mount that
+// holds path (the longest mount point above it).
+func criMountOf(t *testing.T, path string) (source, mountpoint string) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 10 {
+			continue
+		}
+		mp := criUnescape(f[4])
+		if mp != path && !strings.HasPrefix(path, strings.TrimSuffix(mp, "/")+"/") || len(mp) <= len(mountpoint) {
+			continue
+		}
+		for i, x := range f {
+			if x == "-" && i+2 < len(f) {
+				source, mountpoint = f[i+2], mp
+			}
+		}
+	}
+	return source, mountpoint
 }
 
 // criFindSnapshot returns the status entry of the snapshot CRI created for
