@@ -53,7 +53,7 @@ LOOPDEV_MOD := pkg/loopdev
 BENCH_FLAGS ?= -workers 1,8,32 -n 512
 BENCH_TIME  ?= 200x
 
-.PHONY: all build test test-setup test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
+.PHONY: all build test test-setup test-unit bench bench-loop bench-hook bench-snapshotter bench-containerd demo lint install tools clean
 
 all: build
 
@@ -93,7 +93,7 @@ test-unit:
 
 # Benchmarks: markdown reports on stdout, progress on stderr. `make bench`
 # runs them all; BENCHMARKS.md records their output.
-bench: bench-loop bench-hook bench-snapshotter
+bench: bench-loop bench-hook bench-snapshotter bench-containerd
 
 # Loop attach+detach side by side (loopkit, containerd, losetup) without and
 # with systemd-udevd, then the in-package Go benchmarks.
@@ -115,6 +115,12 @@ bench-hook: require-root build
 bench-snapshotter: require-root build
 	$(GO) build -o bin/snapbench ./bench/snapbench
 	bin/snapbench -fs ext4,xfs
+
+# `ctr run --rm` on containerd 2.x: loop (each mode) against containerd's
+# overlayfs, erofs and blockfile, same image, interleaved.
+CTR_BENCH_RUNS ?= 40
+bench-containerd: require-root tools
+	$(GO) test -tags integration -count=1 -run '^$$' -bench BenchmarkContainerdRunRm -benchtime $(CTR_BENCH_RUNS)x -v ./integration
 
 demo: require-root
 	scripts/demo.sh

@@ -287,11 +287,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 
 // ctdPaths are the private paths of a containerd 2.x instance.
 type ctdPaths struct {
-	dir      string // root, state, temp and opt live below it
-	sock     string // gRPC socket; ttrpc is sock + ".ttrpc"
-	snapSock string // loop-snapshotter's socket
-	proxies  string // instead of snapSock: the [proxy_plugins] tables
-	shimDir  string // shim sockets (short path)
+	dir      string   // root, state, temp and opt live below it
+	sock     string   // gRPC socket; ttrpc is sock + ".ttrpc"
+	snapSock string   // loop-snapshotter's socket
+	proxies  string   // instead of snapSock: the [proxy_plugins] tables
+	unpack   []string // snapshotters to unpack for (default loop, overlayfs)
+	shimDir  string   // shim sockets (short path)
 }
 
 // ctdConfig2 is a containerd 2.x configuration (version 4, as containerd
@@ -305,6 +306,13 @@ func ctdConfig2(p ctdPaths, cri bool) string {
 	if !cri {
 		disabled += `, "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
   "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"`
+	}
+	if len(p.unpack) == 0 {
+		p.unpack = []string{"loop", "overlayfs"}
+	}
+	var unpack strings.Builder
+	for _, sn := range p.unpack {
+		fmt.Fprintf(&unpack, "  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n    platform = %s\n    snapshotter = %s\n", q("linux/"+runtime.GOARCH), q(sn))
 	}
 	proxies := p.proxies
 	if proxies == "" {
@@ -333,15 +341,9 @@ disabled_plugins = [%s]
     disable = true
   # ctr images import and nerdctl load go through the transfer service in
   # 2.x, which unpacks only for the snapshotters listed here.
-  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
-    platform = %s
-    snapshotter = "loop"
-  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
-    platform = %s
-    snapshotter = "overlayfs"
-`, q(filepath.Join(p.dir, "root")), q(filepath.Join(p.dir, "state")), q(filepath.Join(p.dir, "tmp")), disabled,
+%s`, q(filepath.Join(p.dir, "root")), q(filepath.Join(p.dir, "state")), q(filepath.Join(p.dir, "tmp")), disabled,
 		proxies, q(p.sock), q(p.sock+".ttrpc"), q(filepath.Join(p.dir, "opt")), q(p.shimDir),
-		q("linux/"+runtime.GOARCH), q("linux/"+runtime.GOARCH))
+		unpack.String())
 }
 
 func (e *ctdEnv) ctrArgs(args ...string) []string {

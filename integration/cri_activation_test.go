@@ -107,28 +107,9 @@ func TestCRIContainerdBeforeSnapshotter(t *testing.T) {
 // container, pod and image, waiting until the snapshotter holds nothing.
 func criRunPodAndRemove(t *testing.T, n *criNode) {
 	t.Helper()
-	podCfg := criPodConfig(t, n.dir, "loopkit-act", nil)
-	ctrCfg := criWriteJSON(t, n.dir, "act-container.json", map[string]any{
-		"metadata": map[string]any{"name": "sleeper"},
-		"image":    map[string]any{"image": criImageRef},
-		"command":  []string{"/bin/sleep", "1000000"},
-		"log_path": "sleeper.log",
-		"linux":    map[string]any{},
-	})
-	podID := strings.TrimSpace(n.crictlRun("runp", podCfg))
-	cid := strings.TrimSpace(n.crictlRun("create", podID, ctrCfg, podCfg))
-	n.crictlRun("start", cid)
-	var insp struct {
-		Info struct {
-			Pid int `json:"pid"`
-		} `json:"info"`
-	}
-	n.crictlJSON(&insp, "inspect", cid)
-	criCheckLoopRoot(t, n, "container", insp.Info.Pid)
-	n.crictlRun("stop", "--timeout", "0", cid)
-	n.crictlRun("rm", cid)
-	n.crictlRun("stopp", podID)
-	n.crictlRun("rmp", podID)
+	p := n.runPod("loopkit-act", "", "/bin/sleep", "1000000")
+	criCheckLoopRoot(t, n, "container", p.ctrPid)
+	n.removePod(p)
 	n.crictlRun("rmi", criImageRef)
 	criWaitFor(t, "no snapshots left in the loop snapshotter", func() (bool, string) {
 		out := strings.TrimSpace(n.ctr("snapshots", "--snapshotter", n.snapshotter, "ls"))

@@ -392,6 +392,55 @@ func criUnpackSnapshotters(t *testing.T, cfg map[string]any) []string {
 	return out
 }
 
+// criPod is a pod sandbox with one running container, started by runPod.
+type criPod struct {
+	id, cid        string
+	podPid, ctrPid int // the sandbox's and the container's init processes
+	config         string
+}
+
+// runPod starts a host-network pod named name with one container on the
+// test image running command, with CRI runtime handler handler ("" for
+// the default), and returns its ids and processes.
+func (n *criNode) runPod(name, handler string, command ...string) criPod {
+	n.t.Helper()
+	p := criPod{config: criPodConfig(n.t, n.dir, name, nil)}
+	ctrCfg := criWriteJSON(n.t, n.dir, name+"-container.json", map[string]any{
+		"metadata": map[string]any{"name": name + "-main"},
+		"image":    map[string]any{"image": criImageRef},
+		"command":  command,
+		"log_path": name + ".log",
+		"linux":    map[string]any{},
+	})
+	args := []string{"runp"}
+	if handler != "" {
+		args = append(args, "--runtime", handler)
+	}
+	p.id = strings.TrimSpace(n.crictlRun(append(args, p.config)...))
+	p.cid = strings.TrimSpace(n.crictlRun("create", p.id, ctrCfg, p.config))
+	n.crictlRun("start", p.cid)
+	var insp struct {
+		Info struct {
+			Pid int `json:"pid"`
+		} `json:"info"`
+	}
+	n.crictlJSON(&insp, "inspect", p.cid)
+	p.ctrPid = insp.Info.Pid
+	insp.Info.Pid = 0
+	n.crictlJSON(&insp, "inspectp", p.id)
+	p.podPid = insp.Info.Pid
+	return p
+}
+
+// removePod stops and removes the pod and its container, as kubelet does.
+func (n *criNode) removePod(p criPod) {
+	n.t.Helper()
+	n.crictlRun("stop", "--timeout", "0", p.cid)
+	n.crictlRun("rm", p.cid)
+	n.crictlRun("stopp", p.id)
+	n.crictlRun("rmp", p.id)
+}
+
 // criTable walks (and creates) nested TOML tables.
 func criTable(t *testing.T, m map[string]any, keys ...string) map[string]any {
 	t.Helper()

@@ -38,43 +38,14 @@ func TestCRIRuntimeClassSnapshotter(t *testing.T) {
 		n.importTestImage()
 		n.ctr("image", "import", "--snapshotter", "overlayfs", dir+"/image.tar")
 
-		// run starts a pod of handler with one container and returns the
-		// pod's id and the container's pid.
-		run := func(handler string) (podID string, pid int) {
-			t.Helper()
-			podCfg := criPodConfig(t, dir, "rc-"+handler, nil)
-			ctrCfg := criWriteJSON(t, dir, handler+"-container.json", map[string]any{
-				"metadata": map[string]any{"name": "main"},
-				"image":    map[string]any{"image": criImageRef},
-				"command":  []string{"/bin/sleep", "1000000"},
-				"log_path": "main.log",
-				"linux":    map[string]any{},
-			})
-			args := []string{"runp"}
-			if handler != "default" {
-				args = append(args, "--runtime", handler)
-			}
-			podID = strings.TrimSpace(n.crictlRun(append(args, podCfg)...))
-			cid := strings.TrimSpace(n.crictlRun("create", podID, ctrCfg, podCfg))
-			n.crictlRun("start", cid)
-			var insp struct {
-				Info struct {
-					Pid int `json:"pid"`
-				} `json:"info"`
-			}
-			n.crictlJSON(&insp, "inspect", cid)
-			return podID, insp.Info.Pid
-		}
-		loopPod, pid := run("runc-loop")
-		criCheckLoopRoot(t, n, "runc-loop container", pid)
-		defPod, pid := run("default")
-		if fstype, opts := criRootMount(t, pid); fstype != "overlay" || strings.Contains(opts, n.snapRoot) {
+		loopPod := n.runPod("rc-loop", "runc-loop", "/bin/sleep", "1000000")
+		criCheckLoopRoot(t, n, "runc-loop container", loopPod.ctrPid)
+		defPod := n.runPod("rc-default", "", "/bin/sleep", "1000000")
+		if fstype, opts := criRootMount(t, defPod.ctrPid); fstype != "overlay" || strings.Contains(opts, n.snapRoot) {
 			t.Errorf("default-handler container: / is %s (%s), want containerd's overlayfs, not loop's", fstype, opts)
 		}
-		for _, p := range []string{loopPod, defPod} {
-			n.crictlRun("stopp", p)
-			n.crictlRun("rmp", p)
-		}
+		n.removePod(loopPod)
+		n.removePod(defPod)
 		n.crictlRun("rmi", criImageRef)
 		criWaitFor(t, "no snapshots left in the loop snapshotter", func() (bool, string) {
 			out := strings.TrimSpace(n.ctr("snapshots", "--snapshotter", "loop", "ls"))

@@ -49,36 +49,14 @@ func criPodOnLoopRootfs(t *testing.T, d ctdDaemon, mode string, o criNodeOptions
 
 	busybox := n.importTestImage()
 
-	podCfg := criPodConfig(t, dir, "loopkit-cri", nil)
 	// The container writes 16 MiB into its root filesystem, flushes it to
 	// the loop device and marks completion; the usage check waits for it.
-	ctrCfg := criWriteJSON(t, dir, "container.json", map[string]any{
-		"metadata": map[string]any{"name": "writer"},
-		"image":    map[string]any{"image": criImageRef},
-		"command":  []string{"/bin/sh", "-c", "dd if=/dev/zero of=/fill bs=1048576 count=16 && sync && touch /done && exec sleep 1000000"},
-		"log_path": "writer.log",
-		"linux":    map[string]any{},
-	})
-
-	podID := strings.TrimSpace(n.crictlRun("runp", podCfg))
-	cid := strings.TrimSpace(n.crictlRun("create", podID, ctrCfg, podCfg))
-	n.crictlRun("start", cid)
+	pod := n.runPod("loopkit-cri", "", "/bin/sh", "-c", "dd if=/dev/zero of=/fill bs=1048576 count=16 && sync && touch /done && exec sleep 1000000")
+	cid := pod.cid
 
 	// Root filesystems: the container's and the sandbox's.
-	var insp struct {
-		Info struct {
-			Pid int `json:"pid"`
-		} `json:"info"`
-	}
-	n.crictlJSON(&insp, "inspect", cid)
-	ctrDev := criCheckLoopRoot(t, n, "container", insp.Info.Pid)
-	var inspp struct {
-		Info struct {
-			Pid int `json:"pid"`
-		} `json:"info"`
-	}
-	n.crictlJSON(&inspp, "inspectp", podID)
-	podDev := criCheckLoopRoot(t, n, "sandbox", inspp.Info.Pid)
+	ctrDev := criCheckLoopRoot(t, n, "container", pod.ctrPid)
+	podDev := criCheckLoopRoot(t, n, "sandbox", pod.podPid)
 	if ctrDev == podDev {
 		t.Errorf("container and sandbox share root device %s; each snapshot needs its own", ctrDev)
 	}
@@ -99,10 +77,7 @@ func criPodOnLoopRootfs(t *testing.T, d ctdDaemon, mode string, o criNodeOptions
 	criCheckStatusAndRestart(t, n, cid, ctrDev)
 
 	// Orderly teardown, as kubelet does it.
-	n.crictlRun("stop", cid)
-	n.crictlRun("rm", cid)
-	n.crictlRun("stopp", podID)
-	n.crictlRun("rmp", podID)
+	n.removePod(pod)
 	n.crictlRun("rmi", criImageRef)
 	criWaitFor(t, "no snapshots left in the loop snapshotter", func() (bool, string) {
 		out := strings.TrimSpace(n.ctr("snapshots", "--snapshotter", n.snapshotter, "ls"))
