@@ -32,7 +32,7 @@ export LOOPKIT_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 GOTESTFLAGS ?=
 # Debian packages the tests use; `make test` installs the missing ones
 # without starting their services (scripts/test-setup.sh).
-TEST_PACKAGES ?= containerd runc podman e2fsprogs erofs-utils squashfs-tools xfsprogs fdisk \
+TEST_PACKAGES ?= containerd runc podman e2fsprogs erofs-utils squashfs-tools xfsprogs btrfs-progs fdisk \
 	dosfstools util-linux mount busybox-static udev kmod jq systemd
 # Under `make test` a test whose tool is missing fails, naming the tool and
 # how to install it; `make test-unit` and plain `go test` skip instead.
@@ -50,7 +50,7 @@ LOOPDEV_STRESS_ENV ?= LOOPKIT_TEST_SCALE=1
 # enter it, so every target runs go in both (go -C pkg/loopdev).
 LOOPDEV_MOD := pkg/loopdev
 # Benchmark knobs: bench/loopbench flags.
-BENCH_FLAGS ?= -workers 1,8,32 -n 512
+BENCH_FLAGS ?= -workers 1,8,32 -n 512 -rounds 3
 BENCH_TIME  ?= 200x
 
 .PHONY: all build test test-setup test-unit bench bench-loop bench-hook bench-snapshotter bench-containerd demo lint install tools clean
@@ -66,7 +66,9 @@ build:
 # packages' mounts and pins their devices); the loopdev suite on the legacy
 # (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
 # detector; the scaled stress run (32 goroutines x 20 iterations plus 4
-# processes) without and then with systemd-udevd probing every device.
+# processes) without and then with systemd-udevd probing every device; then
+# the whole loopdev suite again with systemd-udevd probing every device
+# (stress scaled), and while another process loops losetup on its own files.
 # Stops at the first failing step; each pass ends with its summary line
 # (skips with their reasons, then "N ran, N skipped, N passed, N failed").
 test: require-root test-setup tools $(SUMMARY)
@@ -77,7 +79,8 @@ test: require-root test-setup tools $(SUMMARY)
 	$(TEST_REQUIRE) LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m ./... | $(summary) loopdev-legacy
 	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' . | $(summary) loopdev-race
 	$(TEST_REQUIRE) $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress
-	scripts/with-udevd.sh env $(TEST_REQUIRE) LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress-udevd
+	scripts/with-udevd.sh env $(TEST_REQUIRE) LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-udevd
+	scripts/with-losetup-churn.sh env $(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-losetup-churn
 
 # Packages, Go modules, no daemon left running by the install.
 test-setup: require-root
@@ -97,8 +100,14 @@ bench: bench-loop bench-hook bench-snapshotter bench-containerd
 
 # Loop attach+detach side by side (loopkit, containerd, losetup) without and
 # with systemd-udevd, then the in-package Go benchmarks.
-bench-loop: require-root
+# The systemd row drives Debian 12's libsystemd-shared-252.so (package
+# systemd) from a small C harness; the loopctl row runs bin/loopctl.
+SYSTEMD_SHARED ?= /usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so
+bench-loop: require-root build
 	@mkdir -p bin
+	@[ -e $(SYSTEMD_SHARED) ] || scripts/apt-install.sh systemd
+	@command -v cc >/dev/null || scripts/apt-install.sh gcc libc6-dev
+	cc -O2 -Wall -o bin/sdloop bench/loopbench/sdloop/sdloop.c $(SYSTEMD_SHARED) -Wl,-rpath,$(dir $(SYSTEMD_SHARED))
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loopbench ./bench/loopbench
 	bin/loopbench $(BENCH_FLAGS)
 	scripts/with-udevd.sh bin/loopbench $(BENCH_FLAGS)

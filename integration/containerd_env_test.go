@@ -502,13 +502,14 @@ func ctdWriteImage(t testing.TB, path, ref string, layers []criBlob, cmd []strin
 
 // leftovers lists loop devices backed by files under the snapshotter
 // root, mounts below the test directory, and files left in the root's
-// snapshots, staging and trash directories.
+// snapshots, staging and trash directories (flat mode) and upper
+// directories, layer images and layer mount points (layered mode).
 func (e *ctdEnv) leftovers() []string {
 	var out []string
 	for k := range testutil.Snapshot(e.dir) {
 		out = append(out, k)
 	}
-	for _, d := range []string{"snapshots", "staging", "trash"} {
+	for _, d := range []string{"snapshots", "staging", "trash", "u", "layers", "l"} {
 		es, _ := os.ReadDir(filepath.Join(e.snapRoot, d))
 		for _, x := range es {
 			out = append(out, filepath.Join(d, x.Name()))

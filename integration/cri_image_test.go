@@ -23,6 +23,9 @@ type criLayerFile struct {
 	Data []byte
 	Dir  bool
 	Link string
+	// Hard makes Link a hard link (to a path in the same layer) rather
+	// than a symlink.
+	Hard bool
 }
 
 type criBlob struct {
@@ -51,6 +54,9 @@ func criTarLayer(t testing.TB, files []criLayerFile) criBlob {
 		switch {
 		case f.Dir:
 			h.Typeflag = tar.TypeDir
+		case f.Link != "" && f.Hard:
+			h.Typeflag = tar.TypeLink
+			h.Linkname = f.Link
 		case f.Link != "":
 			h.Typeflag = tar.TypeSymlink
 			h.Linkname = f.Link

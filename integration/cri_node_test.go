@@ -65,6 +65,15 @@ func criStartNode(t *testing.T, dir, sandboxImage string, tweak func(cfg map[str
 	return criStartNodeOn(t, dir, d, "flat", sandboxImage, criNodeOptions{tweak: tweak})
 }
 
+// criStartNodeMode is criStartNode with loop-snapshotter in the given
+// storage mode (containerd 1.6).
+func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(cfg map[string]any)) *criNode {
+	t.Helper()
+	d := ctdDaemons(t)[0]
+	d.require(t)
+	return criStartNodeOn(t, dir, d, mode, sandboxImage, criNodeOptions{tweak: tweak})
+}
+
 // criNodeOptions change how criStartNodeOn starts the node.
 type criNodeOptions struct {
 	// tweak, when not nil, may change the containerd configuration.

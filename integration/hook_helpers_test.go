@@ -390,22 +390,6 @@ func recordLoops(rec map[string]any) []string {
 	return out
 }
 
-// boundTo lists the loop devices whose backing file is path.
-func hookBoundTo(path string) []string {
-	var out []string
-	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err != nil {
-			continue
-		}
-		if strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)") == path {
-			out = append(out, filepath.Base(filepath.Dir(filepath.Dir(e))))
-		}
-	}
-	return out
-}
-
 // assertClean fails unless no loop device is bound to an image, no record
 // exists and no hook process is alive.
 func (w *hookWorld) assertClean() {
@@ -415,7 +399,7 @@ func (w *hookWorld) assertClean() {
 	for {
 		var bound []string
 		for _, f := range []string{"sq.sqfs", "e.erofs", "x.ext4"} {
-			bound = append(bound, hookBoundTo(filepath.Join(w.images, f))...)
+			bound = append(bound, testutil.BoundTo(filepath.Join(w.images, f))...)
 		}
 		if len(bound) == 0 {
 			break

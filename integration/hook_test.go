@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/testutil"
 )
 
 // TestHookRunc drives oci-loop-hook through runc 1.1 bundles (createRuntime
@@ -333,7 +335,7 @@ func TestHookKilledMidSetup(t *testing.T) {
 	}
 	waitFile(t, pause)
 	dev, _ := os.ReadFile(pause)
-	if len(hookBoundTo(filepath.Join(w.images, "sq.sqfs"))) != 1 {
+	if len(testutil.BoundTo(filepath.Join(w.images, "sq.sqfs"))) != 1 {
 		t.Fatalf("paused hook has no device bound (%s)", dev)
 	}
 	hook.Process.Kill()

@@ -98,17 +98,17 @@ func TestSnapshotterBadInput(t *testing.T) {
 			_, err := raw.View(ctx, &snapshotsapi.ViewSnapshotRequest{Snapshotter: name, Key: "x2", Parent: "nope"})
 			return err
 		}, codes.NotFound},
-		{"size label not a number", func() error {
-			_, err := raw.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{Snapshotter: name, Key: "x3", Labels: size("10GiB")})
-			return err
-		}, codes.InvalidArgument},
-		{"size label too small", func() error {
-			_, err := raw.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{Snapshotter: name, Key: "x4", Labels: size("1024")})
-			return err
-		}, codes.InvalidArgument},
-		{"size label too big", func() error {
-			_, err := raw.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{Snapshotter: name, Key: "x5", Parent: "c", Labels: size(strconv.FormatInt(1<<50, 10))})
-			return err
+		{"walk with a bad filter", func() error {
+			// upstream snapshotservice returns Walk's error unconverted.
+			lc, err := raw.List(ctx, &snapshotsapi.ListSnapshotsRequest{Snapshotter: name, Filters: []string{`labels."unterminated`}})
+			if err != nil {
+				return err
+			}
+			for {
+				if _, err := lc.Recv(); err != nil {
+					return err
+				}
+			}
 		}, codes.InvalidArgument},
 		{"remove with children", func() error {
 			_, err := raw.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{Snapshotter: name, Key: "c"})
@@ -132,6 +132,17 @@ func TestSnapshotterBadInput(t *testing.T) {
 			continue
 		}
 		t.Errorf("%s: got %v, want code %s", tc.name, err, tc.want)
+	}
+
+	// The size label is a hint: a bad one falls back to default_size (or
+	// max_size), as containerd's erofs snapshotter does.
+	for i, v := range []string{"10GiB", "1024", "0", "-5", strconv.FormatInt(1<<50, 10)} {
+		key := "hint" + strconv.Itoa(i)
+		if _, err := raw.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{Snapshotter: name, Key: key, Parent: "c", Labels: size(v)}); err != nil {
+			t.Errorf("size label %q: %v, want a snapshot", v, err)
+		} else if _, err := raw.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{Snapshotter: name, Key: key}); err != nil {
+			t.Error(err)
+		}
 	}
 
 	// Nothing half-created: the same two snapshots, no staging leftovers.

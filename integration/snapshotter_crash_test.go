@@ -82,17 +82,7 @@ func TestSnapshotterCrashSafety(t *testing.T) {
 				}
 				err = d.sn.Remove(ctx, "a")
 			}
-			if err == nil {
-				t.Fatalf("operation survived the fault at %s", tc.step)
-			}
-			<-d.proc.done // killed by its own hook
-			d.env = nil
-			if err := d.start(logPath); err != nil {
-				t.Fatal(err)
-			}
-			if err := crashCleanup(ctx, d.sn); err != nil {
-				t.Fatalf("cleanup after restart: %v", err)
-			}
+			crashRestart(t, ctx, d, logPath, tc.step, err)
 			crashCheckConsistent(t, bin, d, root)
 
 			// Complete the interrupted operation.
@@ -149,6 +139,24 @@ func TestSnapshotterCrashSafety(t *testing.T) {
 }
 
 const crashEnv = "LOOP_SNAPSHOTTER_TEST_CRASH_AT"
+
+// crashRestart expects the operation that passed step to have failed
+// (err) because the daemon killed itself there, restarts the daemon
+// without the hook and runs Cleanup.
+func crashRestart(t *testing.T, ctx context.Context, d *snapDaemon, logPath, step string, err error) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("operation survived the fault at %s", step)
+	}
+	<-d.proc.done // killed by its own hook
+	d.env = nil
+	if err := d.start(logPath); err != nil {
+		t.Fatal(err)
+	}
+	if err := crashCleanup(ctx, d.sn); err != nil {
+		t.Fatalf("cleanup after restart: %v", err)
+	}
+}
 
 func crashCleanup(ctx context.Context, sn snapshots.Snapshotter) error {
 	return sn.(snapshots.Cleaner).Cleanup(ctx)

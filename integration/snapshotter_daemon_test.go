@@ -26,7 +26,14 @@ import (
 
 // snapTestConfig is the snapshotter configuration of these tests: small
 // sparse images (still 4 KiB blocks) keep 128LayersMount and mkfs cheap.
-const snapTestConfig = "mode = \"flat\"\ndefault_size = \"64MiB\"\nmax_size = \"4GiB\"\n"
+const snapTestConfig = "mode = \"flat\"\n" + snapTestSizes
+
+const snapTestSizes = "default_size = \"64MiB\"\nmax_size = \"4GiB\"\n"
+
+// snapModes are the storage modes the snapshotter tests run in, with the
+// name containerd's suite knows each one's semantics by: layered mode is
+// overlayfs (renaming a lower directory is EXDEV).
+var snapModes = []struct{ mode, suiteName string }{{"flat", "loop"}, {"layered", "overlayfs"}}
 
 // snapBuild builds cmd/loop-snapshotter into dir.
 func snapBuild(t *testing.T, dir string) string {

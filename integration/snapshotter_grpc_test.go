@@ -5,6 +5,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -26,36 +27,46 @@ import (
 // socket, and the core/snapshots/proxy client. Errors cross gRPC (errgrpc),
 // so the suite's NotFound/AlreadyExists/FailedPrecondition checks hold only
 // if the codes survive. Once on the host filesystem (ext4: sparse copies),
-// once on a loop-mounted reflink XFS (FICLONE).
+// once on a loop-mounted reflink XFS (FICLONE); in both storage modes.
 func TestSnapshotterGRPCSuite(t *testing.T) {
 	testutil.RequireRoot(t)
-	testutil.RequireBinaries(t, "go", "mkfs.ext4", "debugfs", "resize2fs", "e2fsck")
+	testutil.RequireBinaries(t, "go", "mkfs.ext4", "debugfs", "resize2fs", "e2fsck", "mkfs.erofs", "fsck.erofs")
 	dir := t.TempDir()
 	bin := snapBuild(t, dir)
-	cfg := snapWriteConfig(t, dir, snapTestConfig)
-	factory := func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-		// root is <tmp>/snapshot-suite-loop-*/root: the socket and the log
-		// go next to it, inside the directory the suite removes.
-		d, err := startSnapDaemon(bin, cfg, root, filepath.Join(filepath.Dir(root), "s.sock"), filepath.Join(filepath.Dir(root), "daemon.log"))
-		if err != nil {
-			return nil, nil, err
-		}
-		return d.sn, d.close, nil
+	for _, m := range snapModes {
+		t.Run(m.mode, func(t *testing.T) {
+			cfg := snapWriteConfig(t, t.TempDir(), "mode = \""+m.mode+"\"\n"+snapTestSizes)
+			factory := func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+				// root is <tmp>/snapshot-suite-*/root: the log goes next to it,
+				// inside the directory the suite removes; the socket under the
+				// test's top directory, as sun_path holds 107 bytes.
+				sockDir, err := os.MkdirTemp(dir, "s")
+				if err != nil {
+					return nil, nil, err
+				}
+				d, err := startSnapDaemon(bin, cfg, root, filepath.Join(sockDir, "s.sock"), filepath.Join(filepath.Dir(root), "daemon.log"))
+				if err != nil {
+					os.RemoveAll(sockDir)
+					return nil, nil, err
+				}
+				return d.sn, func() error { return errors.Join(d.close(), os.RemoveAll(sockDir)) }, nil
+			}
+			t.Run("ext4", func(t *testing.T) {
+				base := t.TempDir()
+				testutil.NoLeaks(t, base)
+				snapWithTempDir(t, base)
+				testsuite.SnapshotterSuite(t, m.suiteName, factory)
+			})
+			t.Run("xfs-reflink", func(t *testing.T) {
+				testutil.RequireBinaries(t, "mkfs.xfs")
+				base := t.TempDir()
+				testutil.NoLeaks(t, base)
+				mnt := testfs.MountReflinkXFS(t, base, 4<<30)
+				snapWithTempDir(t, mnt)
+				testsuite.SnapshotterSuite(t, m.suiteName, factory)
+			})
+		})
 	}
-	t.Run("ext4", func(t *testing.T) {
-		base := t.TempDir()
-		testutil.NoLeaks(t, base)
-		snapWithTempDir(t, base)
-		testsuite.SnapshotterSuite(t, "loop", factory)
-	})
-	t.Run("xfs-reflink", func(t *testing.T) {
-		testutil.RequireBinaries(t, "mkfs.xfs")
-		base := t.TempDir()
-		testutil.NoLeaks(t, base)
-		mnt := testfs.MountReflinkXFS(t, base, 4<<30)
-		snapWithTempDir(t, mnt)
-		testsuite.SnapshotterSuite(t, "loop", factory)
-	})
 }
 
 // TestSnapshotterDaemonLifecycle: READY=1 only once serving, socket mode
@@ -118,7 +129,8 @@ func TestSnapshotterDaemonLifecycle(t *testing.T) {
 }
 
 // TestSnapshotterMetrics: with metrics_address set, /metrics serves the
-// documented series and they move with the calls made.
+// documented series, the Go runtime and process collectors, and they move
+// with the calls made.
 func TestSnapshotterMetrics(t *testing.T) {
 	testutil.RequireRoot(t)
 	testutil.RequireBinaries(t, "go", "mkfs.ext4", "debugfs", "resize2fs", "e2fsck")
@@ -173,6 +185,11 @@ func TestSnapshotterMetrics(t *testing.T) {
 		`loop_snapshotter_clones_total{method=`,
 		`loop_snapshotter_lazy_detaches_total`,
 		`loop_snapshotter_orphans_detached_total`,
+		`loop_snapshotter_resizes_total{direction="shrink"} 0`,
+		`loop_snapshotter_data_loss_refusals_total 0`,
+		// client_golang's Go runtime and process collectors.
+		`go_goroutines `,
+		`process_resident_memory_bytes `,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %s:\n%s", want, body)

@@ -76,7 +76,13 @@ func run(hookBin string, n int, work string) error {
 	if err != nil {
 		return err
 	}
-	execSetup, execTeardown, err := w.direct(n)
+	execSetup, execTeardown, err := w.direct(n, false)
+	if err != nil {
+		return err
+	}
+	// A container in a user namespace of its own gets its mount flags
+	// locked: one more namespace copy and a helper process per mount.
+	execSetupUserNS, _, err := w.direct(n, true)
 	if err != nil {
 		return err
 	}
@@ -91,6 +97,7 @@ func run(hookBin string, n int, work string) error {
 	row("  of which pkg/loopdev attach", attach)
 	row("teardown inside the hook (Teardown(), from its log)", teardown)
 	row("hook process wall time, setup (exec included)", execSetup)
+	row("hook process wall time, setup, user-namespaced container (flags locked)", execSetupUserNS)
 	row("hook process wall time, teardown (exec included)", execTeardown)
 	row("`runc run -d` end to end (hook included)", runcRun)
 	row("`runc delete` end to end (poststop hook included)", runcDelete)
@@ -154,10 +161,15 @@ func (w *world) prepare() error {
 }
 
 // direct runs the hook binary itself against a process in a private mount
-// namespace (runc init's view before pivot_root), timing the process.
-func (w *world) direct(n int) (setup, teardown []time.Duration, err error) {
+// namespace (runc init's view before pivot_root), with userNS in a user
+// namespace of its own too, timing the process.
+func (w *world) direct(n int, userNS bool) (setup, teardown []time.Duration, err error) {
+	args := []string{"--mount", "--propagation", "private", "sleep", "600"}
+	if userNS {
+		args = append([]string{"--user", "--map-root-user"}, args...)
+	}
 	for i := range n {
-		ns := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "600")
+		ns := exec.Command("unshare", args...)
 		if err := ns.Start(); err != nil {
 			return nil, nil, err
 		}
@@ -167,7 +179,7 @@ func (w *world) direct(n int) (setup, teardown []time.Duration, err error) {
 			}
 			time.Sleep(time.Millisecond)
 		}
-		id := fmt.Sprintf("hbd-%d-%d", os.Getpid(), i)
+		id := fmt.Sprintf("hbd-%d-%d-%t", os.Getpid(), i, userNS)
 		state := func(status string, pid int) string {
 			b, _ := json.Marshal(map[string]any{"ociVersion": "1.0.2", "id": id, "status": status, "pid": pid, "bundle": w.bundle,
 				"annotations": map[string]string{"org.ociloop.image": "bench", "org.ociloop.dest": "/data"}})

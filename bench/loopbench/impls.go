@@ -20,14 +20,19 @@ type impl struct {
 }
 
 var impls = map[string]impl{
+	"floor":            {name: "floor", attach: attachFloor},
 	"loopkit":          {name: "loopkit", attach: attachLoopkit},
 	"loopkit-buffered": {name: "loopkit-buffered", attach: attachLoopkitBuffered},
 	"containerd":       {name: "containerd", attach: attachContainerd},
+	"systemd":          {name: "systemd", attach: attachSystemd},
 	"losetup":          {name: "losetup", attach: attachLosetup},
+	"loopctl":          {name: "loopctl", attach: attachLoopctl},
 }
 
-// implOrder is the order of the table rows; containerd is the baseline.
-var implOrder = []string{"loopkit", "loopkit-buffered", "containerd", "losetup"}
+// implOrder is the order of the table rows; containerd is the baseline of
+// the in-process rows, floor the bare kernel cost; losetup and loopctl run
+// two processes a cycle.
+var implOrder = []string{"floor", "loopkit", "loopkit-buffered", "containerd", "systemd", "losetup", "loopctl"}
 
 // attachLoopkit uses pkg/loopdev with its defaults (autoclear, direct I/O
 // where the backing supports it, locked allocation, verification) and the

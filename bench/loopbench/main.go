@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -58,6 +59,8 @@ func parseArgs(args []string, stderr io.Writer) (config, error) {
 	dir := fs.String("dir", "/var/tmp", "parent of the bench directory (must not be tmpfs)")
 	settle := fs.Duration("settle", 2*time.Second, "how long a deferred unbind may take before a device counts as leaked")
 	timeout := fs.Duration("timeout", 10*time.Minute, "limit for one run")
+	fs.StringVar(&sdloopPool.path, "sdloop", sdloopPool.path, "the C harness around systemd 252's loop code (make bench-loop builds it)")
+	fs.StringVar(&loopctlPath, "loopctl", loopctlPath, "the loopctl binary of the process rows (make build)")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
@@ -113,6 +116,12 @@ func bench(ctx context.Context, cfg config, args []string, stdout, stderr io.Wri
 	fmt.Fprintf(stderr, "loopbench: %s, %d cycles per run, backing files in %s\n", env.kernel, cfg.n, dir)
 
 	var results []result
+	defer stopSdloops()
+	if slices.Contains(cfg.impls, "systemd") {
+		if env.sdRoundTrip, err = sdloopRoundTrip(); err != nil {
+			return err
+		}
+	}
 	defer func() {
 		if err := clearUnder(dir); err != nil {
 			fmt.Fprintf(stderr, "loopbench: %v\n", err)
@@ -135,6 +144,8 @@ func bench(ctx context.Context, cfg config, args []string, stdout, stderr io.Wri
 				if err != nil {
 					return err
 				}
+				r.roundP50 = []time.Duration{percentile(r.cycle, 0.50)}
+				r.roundP99 = []time.Duration{percentile(r.cycle, 0.99)}
 				merged[i] = merged[i].merge(r)
 			}
 		}

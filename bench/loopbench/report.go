@@ -14,6 +14,7 @@ import (
 
 type envInfo struct {
 	kernel, cpu, utilLinux, udevd, fs, dio, load string
+	sdRoundTrip                                  time.Duration // pipe round trip of the systemd row
 	cpus                                         int
 }
 
@@ -76,29 +77,43 @@ func writeReport(w io.Writer, e envInfo, cfg config, args []string, results []re
 	fmt.Fprintf(w, "- machine: %d CPUs, %s; load average at start %s\n", e.cpus, e.cpu, e.load)
 	fmt.Fprintf(w, "- backing: %d sparse files of %d MiB on %s\n", maxOf(cfg.workers), cfg.size>>20, e.fs)
 	fmt.Fprintf(w, "- util-linux: %s; systemd-udevd: %s; direct I/O: %s\n", e.utilLinux, e.udevd, e.dio)
-	fmt.Fprintf(w, "- %d attach+detach cycles per row, in %d batches interleaving the implementations; latencies of successful cycles; deferred = detaches loopkit reported as deferred by the kernel (ErrDetachDeferred: another opener, such as udev's probe, still held the device; counted as successful); leaks = devices still bound %s after each batch\n\n", cfg.n, cfg.rounds, cfg.settle)
+	fmt.Fprintf(w, "- %d attach+detach cycles per row, in %d batches interleaving the implementations; latencies of successful cycles; deferred = detaches loopkit reported as deferred by the kernel (ErrDetachDeferred: another opener, such as udev's probe, still held the device; counted as successful); leaks = devices still bound %s after each batch\n", cfg.n, cfg.rounds, cfg.settle)
 
-	base := map[int]result{}
+	if e.sdRoundTrip > 0 {
+		fmt.Fprintf(w, "- systemd: systemd 252's loop_device_make_by_path + loop_device_unref (libsystemd-shared-252.so) in bench/loopbench/sdloop, one process per worker driven over a pipe; its cycle includes two pipe round trips of %s (p50) each\n", fmtDur(e.sdRoundTrip))
+	}
+	fmt.Fprintln(w, "- floor: get-free, LOOP_CONFIGURE, LOOP_CLR_FD and nothing else (no lock, no check); losetup and loopctl: two processes per cycle (`losetup -f --show F` + `losetup -d D`, `loopctl attach F` + `loopctl detach D`)")
+	fmt.Fprintln(w)
+
+	base, floor := map[int]result{}, map[int]result{}
 	for _, r := range results {
-		if r.impl == "containerd" {
+		switch r.impl {
+		case "containerd":
 			base[r.workers] = r
+		case "floor":
+			floor[r.workers] = r
 		}
 	}
-	fmt.Fprintln(w, "| impl | workers | cycles | errors | deferred | leaks | ops/s | cycle p50 | cycle p99 | attach p50 | attach p99 | detach p50 | detach p99 | ops/s vs containerd | p99 vs containerd |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "Cycle p50 and p99 are the medians of the rounds' own p50 and p99; attach and detach percentiles are over all cycles.")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| impl | workers | cycles | errors | deferred | leaks | ops/s | cycle p50 | cycle p99 | attach p50 | attach p99 | detach p50 | detach p99 | p50 vs containerd | p99 vs containerd | p50 vs floor |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, r := range results {
-		p99 := percentile(r.cycle, 0.99)
-		opsRatio, p99Ratio := "-", "-"
+		p50, p99 := medianOf(r.roundP50), medianOf(r.roundP99)
+		p50Ratio, p99Ratio, floorRatio := "-", "-", "-"
 		if b, ok := base[r.workers]; ok {
-			opsRatio = ratio(r.opsPerSec(), b.opsPerSec())
-			p99Ratio = ratio(float64(p99), float64(percentile(b.cycle, 0.99)))
+			p50Ratio = ratio(float64(p50), float64(medianOf(b.roundP50)))
+			p99Ratio = ratio(float64(p99), float64(medianOf(b.roundP99)))
 		}
-		fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.0f | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		if f, ok := floor[r.workers]; ok {
+			floorRatio = ratio(float64(p50), float64(medianOf(f.roundP50)))
+		}
+		fmt.Fprintf(w, "| %s | %d | %d | %d | %d | %d | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			r.impl, r.workers, r.ops, r.errors, r.deferred, r.leaks, r.opsPerSec(),
 			fmtDur(percentile(r.cycle, 0.50)), fmtDur(p99),
 			fmtDur(percentile(r.attach, 0.50)), fmtDur(percentile(r.attach, 0.99)),
 			fmtDur(percentile(r.detach, 0.50)), fmtDur(percentile(r.detach, 0.99)),
-			opsRatio, p99Ratio)
+			p50Ratio, p99Ratio, floorRatio)
 	}
 	var errs []string
 	for _, r := range results {

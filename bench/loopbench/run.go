@@ -31,6 +31,13 @@ type result struct {
 	cycle, attach, detach []time.Duration
 	// The first few distinct error messages.
 	errorSamples []string
+	// Per interleaved round: the cycle p50 and p99 of that round.
+	roundP50, roundP99 []time.Duration
+}
+
+// medianOf is the median of the rounds' values (0 without rounds).
+func medianOf(ds []time.Duration) time.Duration {
+	return percentile(append([]time.Duration(nil), ds...), 0.5)
 }
 
 // opsPerSec counts completed cycles (errors included: they took time too).
@@ -52,6 +59,8 @@ func (r result) merge(o result) result {
 	r.leaks += o.leaks
 	r.elapsed += o.elapsed
 	r.cycle = append(r.cycle, o.cycle...)
+	r.roundP50 = append(r.roundP50, o.roundP50...)
+	r.roundP99 = append(r.roundP99, o.roundP99...)
 	r.attach = append(r.attach, o.attach...)
 	r.detach = append(r.detach, o.detach...)
 	for _, s := range o.errorSamples {

@@ -9,15 +9,18 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 )
 
 // daemons is a private containerd 1.6 (default snapshotter overlayfs)
-// with loop-snapshotter as proxy plugin "loop", sockets under run.
+// with loop-snapshotter as proxy plugins "loop" (flat mode) and "loopl"
+// (layered mode), sockets under run.
 type daemons struct {
-	dir, run, sock, snapSock, snapRoot, runcRoot string
-	snap, ctrd                                   *proc
+	dir, run, sock, runcRoot string
+	snaps                    map[string]*snapd
+	ctrd                     *proc
 }
 
 type proc struct {
@@ -25,30 +28,45 @@ type proc struct {
 	done chan struct{}
 }
 
+// snapd is one loop-snapshotter process.
+type snapd struct {
+	mode, root, sock string
+	p                *proc
+}
+
+// loopPlugins maps the benchmark's proxy plugin names to storage modes.
+var loopPlugins = map[string]string{"loop": "flat", "loopl": "layered"}
+
 func startDaemons(snapBin, dir, run string, defaultSize int64) (*daemons, error) {
 	d := &daemons{
 		dir: dir, run: run,
 		sock:     filepath.Join(run, "containerd.sock"),
-		snapSock: filepath.Join(run, "loop.sock"),
-		snapRoot: filepath.Join(dir, "root", "io.containerd.snapshotter.v1.loop"),
 		runcRoot: filepath.Join(run, "runc"),
+		snaps:    map[string]*snapd{},
 	}
 	for _, p := range []string{run, filepath.Join(dir, "etc")} {
 		if err := os.MkdirAll(p, 0o700); err != nil {
 			return nil, err
 		}
 	}
-	cfg := filepath.Join(dir, "etc", "loop-snapshotter.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("default_size = %d\n", defaultSize)), 0o600); err != nil {
-		return nil, err
-	}
-	var err error
-	if d.snap, err = startLogged(filepath.Join(dir, "loop-snapshotter.log"), snapBin, "--config", cfg, "--root", d.snapRoot, "--address", d.snapSock); err != nil {
-		return nil, err
-	}
-	if err := waitSocket(d.snapSock); err != nil {
-		d.stop()
-		return nil, err
+	var proxies strings.Builder
+	for name, mode := range loopPlugins {
+		sd := &snapd{mode: mode, root: filepath.Join(dir, "root", "io.containerd.snapshotter.v1."+name), sock: filepath.Join(run, name+".sock")}
+		cfg := filepath.Join(dir, "etc", name+".toml")
+		if err := os.WriteFile(cfg, []byte(fmt.Sprintf("mode = %q\ndefault_size = %d\n", mode, defaultSize)), 0o600); err != nil {
+			return nil, err
+		}
+		var err error
+		if sd.p, err = startLogged(filepath.Join(dir, name+".log"), snapBin, "--config", cfg, "--root", sd.root, "--address", sd.sock); err != nil {
+			d.stop()
+			return nil, err
+		}
+		d.snaps[name] = sd
+		if err := waitSocket(sd.sock); err != nil {
+			d.stop()
+			return nil, err
+		}
+		fmt.Fprintf(&proxies, "[proxy_plugins.%s]\n  type = \"snapshot\"\n  address = %q\n", name, sd.sock)
 	}
 	ccfg := filepath.Join(dir, "etc", "containerd.toml")
 	body := fmt.Sprintf(`version = 2
@@ -59,14 +77,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
   address = %q
 [ttrpc]
   address = %q
-[proxy_plugins.loop]
-  type = "snapshot"
-  address = %q
-`, filepath.Join(dir, "root"), filepath.Join(run, "state"), d.sock, d.sock+".ttrpc", d.snapSock)
+%s`, filepath.Join(dir, "root"), filepath.Join(run, "state"), d.sock, d.sock+".ttrpc", proxies.String())
 	if err := os.WriteFile(ccfg, []byte(body), 0o600); err != nil {
 		d.stop()
 		return nil, err
 	}
+	var err error
 	if d.ctrd, err = startLogged(filepath.Join(dir, "containerd.log"), "containerd", "--config", ccfg); err != nil {
 		d.stop()
 		return nil, err
@@ -112,7 +128,11 @@ func waitSocket(p string) error {
 
 // stop stops containerd, then loop-snapshotter, by pid.
 func (d *daemons) stop() {
-	for _, p := range []*proc{d.ctrd, d.snap} {
+	ps := []*proc{d.ctrd}
+	for _, sd := range d.snaps {
+		ps = append(ps, sd.p)
+	}
+	for _, p := range ps {
 		if p == nil {
 			continue
 		}
@@ -156,4 +176,65 @@ func (d *daemons) startLatency(sn, ref string, n int) (p50, p99 time.Duration, e
 		return ds[max(0, min(i, len(ds)-1))]
 	}
 	return rank(0.50), rank(0.99), nil
+}
+
+// newContainerBytes is the disk space one new container takes before it
+// writes anything: free space before and after `ctr run -d` of a sleeping
+// container (synced), which is then removed.
+func (d *daemons) newContainerBytes(sn, ref string, free func() int64) (int64, error) {
+	id := "alloc-" + sn
+	settle(free)
+	free0 := free()
+	if _, err := d.ctr("run", "-d", "--snapshotter", sn, "--runc-root", d.runcRoot, ref, id, "/bin/sleep", "1000"); err != nil {
+		return 0, err
+	}
+	delta := free0 - free()
+	return delta, d.rmContainer(id)
+}
+
+// rmContainer kills, deletes and removes a running container.
+func (d *daemons) rmContainer(id string) error {
+	if _, err := d.ctr("task", "kill", "-s", "SIGKILL", id); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := d.ctr("task", "delete", id)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_, err := d.ctr("container", "rm", id)
+	return err
+}
+
+// pageCacheGrowth starts n containers of ref, has each read file once
+// (ctr task exec waits for it) and returns how much the kernel's Cached
+// grew, after evicting the snapshotter's own files (root) from the page
+// cache so the first read comes from disk.
+func (d *daemons) pageCacheGrowth(sn, ref, file, root string, n int) (int64, error) {
+	evictUnder(root)
+	settle(meminfoCached)
+	c0 := meminfoCached()
+	var ids []string
+	defer func() {
+		for _, id := range ids {
+			d.rmContainer(id)
+		}
+	}()
+	for i := range n {
+		id := fmt.Sprintf("pc-%s-%d", sn, i)
+		if _, err := d.ctr("run", "-d", "--snapshotter", sn, "--runc-root", d.runcRoot, ref, id, "/bin/sleep", "1000"); err != nil {
+			return 0, err
+		}
+		ids = append(ids, id)
+		if _, err := d.ctr("task", "exec", "--exec-id", "read", id, "/bin/sh", "-c", "cat "+file+" > /dev/null"); err != nil {
+			return 0, err
+		}
+	}
+	return meminfoCached() - c0, nil
 }

@@ -38,9 +38,9 @@ type benchImage struct {
 var mtime = time.Unix(1700000000, 0)
 
 // makeImage builds an image of n layers of about layerBytes each, filled
-// with incompressible data in 1 MiB files; the first layer also carries
-// busybox and applet links so containers can run.
-func makeImage(ref, busybox string, n int, layerBytes int64) (*benchImage, error) {
+// with incompressible data in files of fileBytes; the first layer also
+// carries busybox and applet links so containers can run.
+func makeImage(ref, busybox string, n int, layerBytes, fileBytes int64) (*benchImage, error) {
 	bb, err := os.ReadFile(busybox)
 	if err != nil {
 		return nil, err
@@ -78,8 +78,8 @@ func makeImage(ref, busybox string, n int, layerBytes int64) (*benchImage, error
 		if err := add(&tar.Header{Name: dir, Mode: 0o755, Typeflag: tar.TypeDir}, nil); err != nil {
 			return nil, err
 		}
-		chunk := make([]byte, 1<<20)
-		for i := int64(0); i < layerBytes>>20; i++ {
+		chunk := make([]byte, fileBytes)
+		for i := int64(0); i < layerBytes/fileBytes; i++ {
 			rng.Read(chunk)
 			if err := add(&tar.Header{Name: fmt.Sprintf("%sf%03d", dir, i), Mode: 0o644, Typeflag: tar.TypeReg, Size: int64(len(chunk))}, chunk); err != nil {
 				return nil, err

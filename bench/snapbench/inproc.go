@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -36,9 +37,10 @@ type inproc struct {
 // (loop's default_size, blockfile's scratch file).
 func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, error) {
 	switch kind {
-	case "loop":
+	case "loop-flat", "loop-layered":
 		cfg := config.DefaultSnapshotter()
 		cfg.Root = root
+		cfg.Mode = strings.TrimPrefix(kind, "loop-")
 		cfg.DefaultSize = config.ByteSize(size)
 		s, err := snapshot.New(ctx, cfg)
 		if err != nil {

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,7 +32,19 @@ type result struct {
 	unpack                time.Duration
 	freeDelta, allocated  int64
 	p50, p99, l128        time.Duration
-	err                   error
+	// Daemon rows: disk one new container takes before it writes, and the
+	// page cache 10 containers reading one 100 MiB file add.
+	perContainer, pageCache int64
+	err                     error
+}
+
+// scaleResult is one in-process unpack of an image of layers layers.
+type scaleResult struct {
+	fs, snapshotter string
+	layers          int
+	unpack          time.Duration
+	freeDelta       int64
+	err             error
 }
 
 func main() {
@@ -44,9 +57,19 @@ func main() {
 		imgSize   = flag.Int64("image-size", 1<<30, "filesystem size of loop images and of blockfile's scratch")
 		snapBin   = flag.String("snapshotter-bin", "", "loop-snapshotter binary (default: go build ./cmd/loop-snapshotter)")
 		skipBlock = flag.Bool("skip-blockfile", false, "leave blockfile out")
+		scale     = flag.String("scale", "5,20,50", "layer counts of the unpack-scaling table (empty: skip)")
+		scaleMB   = flag.Int64("scale-layer-mb", 4, "MiB of data per layer in the scaling table")
 	)
 	flag.Parse()
-	if err := run(*work, strings.Split(*fsList, ","), *layers, *layerMB<<20, *runs, *imgSize, *snapBin, *skipBlock); err != nil {
+	var scales []int
+	for _, f := range strings.Split(*scale, ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 {
+			scales = append(scales, n)
+		}
+	}
+	opts := options{layers: *layers, layerBytes: *layerMB << 20, runs: *runs, imgSize: *imgSize, snapBin: *snapBin,
+		skipBlock: *skipBlock, scales: scales, scaleBytes: *scaleMB << 20}
+	if err := run(*work, strings.Split(*fsList, ","), opts); err != nil {
 		fmt.Fprintln(os.Stderr, "snapbench:", err)
 		os.Exit(1)
 	}
@@ -54,7 +77,22 @@ func main() {
 
 func logf(format string, a ...any) { fmt.Fprintf(os.Stderr, format+"\n", a...) }
 
-func run(work string, fss []string, nLayers int, layerBytes int64, runs int, imgSize int64, snapBin string, skipBlock bool) error {
+type options struct {
+	layers     int
+	layerBytes int64
+	runs       int
+	imgSize    int64
+	snapBin    string
+	skipBlock  bool
+	scales     []int
+	scaleBytes int64
+}
+
+// pageCacheFile is the 100 MiB file of the page-cache image.
+const pageCacheFile = "/data0/f000"
+
+func run(work string, fss []string, o options) error {
+	nLayers, layerBytes, runs, imgSize, snapBin := o.layers, o.layerBytes, o.runs, o.imgSize, o.snapBin
 	ctx := context.Background()
 	base, err := os.MkdirTemp(work, "snapbench-")
 	if err != nil {
@@ -73,7 +111,7 @@ func run(work string, fss []string, nLayers int, layerBytes int64, runs int, img
 	if err != nil {
 		return err
 	}
-	img, err := makeImage("loopkit.bench/snapbench:v1", busybox, nLayers, layerBytes)
+	img, err := makeImage("loopkit.bench/snapbench:v1", busybox, nLayers, layerBytes, 1<<20)
 	if err != nil {
 		return err
 	}
@@ -82,17 +120,131 @@ func run(work string, fss []string, nLayers int, layerBytes int64, runs int, img
 		return err
 	}
 	logf("image: %d layers, %d MiB", nLayers, img.size()>>20)
+	pc, err := makeImage("loopkit.bench/pagecache:v1", busybox, 1, 100<<20, 100<<20)
+	if err != nil {
+		return err
+	}
+	pcArchive := filepath.Join(base, "pagecache.tar")
+	if err := pc.writeArchive(pcArchive); err != nil {
+		return err
+	}
 
 	var results []result
+	var scaled []scaleResult
 	for _, fsType := range fss {
-		rs, err := benchFS(ctx, base, fsType, img, archive, runs, imgSize, snapBin, skipBlock)
+		rs, ss, err := benchFS(ctx, base, fsType, img, archive, pc.ref, pcArchive, busybox, o)
 		results = append(results, rs...)
+		scaled = append(scaled, ss...)
 		if err != nil {
 			return fmt.Errorf("%s: %w", fsType, err)
 		}
 	}
 	report(results, img, runs, imgSize)
+	reportScale(scaled, o.scaleBytes)
 	return nil
+}
+
+// inprocKinds are the snapshotters opened in-process: containerd's
+// overlayfs, loop in both modes, blockfile.
+var inprocKinds = []string{"overlayfs", "loop-flat", "loop-layered", "blockfile"}
+
+// benchScale unpacks images of 5, 20, 50... layers of scaleBytes each
+// in-process: time and disk must grow linearly with the layer count.
+func benchScale(ctx context.Context, mnt, fsType, busybox string, scales []int, scaleBytes, imgSize int64) ([]scaleResult, error) {
+	var out []scaleResult
+	for _, n := range scales {
+		img, err := makeImage(fmt.Sprintf("loopkit.bench/scale-%d:v1", n), busybox, n, scaleBytes, 1<<20)
+		if err != nil {
+			return out, err
+		}
+		cs, layers, err := contentStore(ctx, filepath.Join(mnt, fmt.Sprintf("content-%d", n)), img)
+		if err != nil {
+			return out, err
+		}
+		for _, kind := range inprocKinds[:3] {
+			r := scaleResult{fs: fsType, snapshotter: kind, layers: n}
+			root := filepath.Join(mnt, "scale", kind, "root")
+			p, err := openInproc(ctx, kind, root, imgSize)
+			if err != nil {
+				return out, err
+			}
+			free0 := freeBytes(mnt)
+			logf("%s/%s: unpack %d layers", fsType, kind, n)
+			r.unpack, r.err = unpackInproc(ctx, p.sn, cs, layers)
+			r.freeDelta = free0 - freeBytes(mnt)
+			if err := p.close(); err != nil {
+				logf("close %s: %v", kind, err)
+			}
+			os.RemoveAll(filepath.Dir(root))
+			out = append(out, r)
+		}
+		os.RemoveAll(filepath.Join(mnt, fmt.Sprintf("content-%d", n)))
+	}
+	return out, nil
+}
+
+func reportScale(rs []scaleResult, scaleBytes int64) {
+	if len(rs) == 0 {
+		return
+	}
+	fmt.Printf("\nUnpack scaling (in-process, %d MiB of data per layer):\n\n", scaleBytes>>20)
+	fmt.Println("| backing fs | snapshotter | layers | unpack | per layer | free-space delta | per layer |")
+	fmt.Println("|---|---|---|---|---|---|---|")
+	for _, r := range rs {
+		fmt.Printf("| %s | %s | %d | %.2f s | %.0f ms | %d MiB | %.1f MiB |\n", r.fs, r.snapshotter, r.layers, r.unpack.Seconds(),
+			float64(r.unpack.Milliseconds())/float64(r.layers), r.freeDelta>>20, float64(r.freeDelta)/float64(r.layers)/(1<<20))
+		if r.err != nil {
+			fmt.Printf("\nerror (%s/%s/%d): %v\n\n", r.fs, r.snapshotter, r.layers, r.err)
+		}
+	}
+}
+
+// settle waits (at most 15 s) until f stops moving by more than 1 MiB
+// over half a second.
+func settle(f func() int64) {
+	prev := f()
+	for range 30 {
+		time.Sleep(500 * time.Millisecond)
+		cur := f()
+		if d := cur - prev; d < 1<<20 && d > -(1<<20) {
+			return
+		}
+		prev = cur
+	}
+}
+
+// meminfoCached is the kernel's Cached: in bytes.
+func meminfoCached() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Cached:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n << 10
+			}
+		}
+	}
+	return 0
+}
+
+// evictUnder drops the page cache of every regular file under dir
+// (POSIX_FADV_DONTNEED): only the benchmark's own files, not the host's.
+func evictUnder(dir string) {
+	unix.Sync()
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		if f, err := os.Open(p); err == nil {
+			unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+			f.Close()
+		}
+		return nil
+	})
 }
 
 // withFS makes a fresh sparse filesystem image, mounts it and returns the
@@ -190,12 +342,22 @@ func allocatedUnder(dir string) int64 {
 	return n
 }
 
-func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive string, runs int, imgSize int64, snapBin string, skipBlock bool) ([]result, error) {
+func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive, pcRef, pcArchive, busybox string, o options) ([]result, []scaleResult, error) {
+	runs, imgSize, snapBin, skipBlock := o.runs, o.imgSize, o.snapBin, o.skipBlock
 	mnt, undo, err := withFS(ctx, base, fsType)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer undo()
+	out, err := benchFSOn(ctx, mnt, fsType, img, archive, pcRef, pcArchive, runs, imgSize, snapBin, skipBlock)
+	if err != nil {
+		return out, nil, err
+	}
+	ss, err := benchScale(ctx, mnt, fsType, busybox, o.scales, o.scaleBytes, imgSize)
+	return out, ss, err
+}
+
+func benchFSOn(ctx context.Context, mnt, fsType string, img *benchImage, archive, pcRef, pcArchive string, runs int, imgSize int64, snapBin string, skipBlock bool) ([]result, error) {
 	var out []result
 
 	// In-process: the same unpack code (pkg/rootfs.ApplyLayers) and the
@@ -204,9 +366,9 @@ func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive 
 	if err != nil {
 		return nil, err
 	}
-	kinds := []string{"overlayfs", "loop", "blockfile"}
+	kinds := inprocKinds
 	if skipBlock {
-		kinds = kinds[:2]
+		kinds = kinds[:3]
 	}
 	for _, kind := range kinds {
 		r := result{fs: fsType, snapshotter: kind, mode: "in-process"}
@@ -257,27 +419,56 @@ func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive 
 	}
 	defer func() {
 		d.stop()
-		purgeLoop(ctx, d.snapRoot)
+		for _, sd := range d.snaps {
+			purgeLoop(ctx, sd.root)
+		}
 	}()
 	if _, err := d.ctr("image", "import", "--no-unpack", archive); err != nil {
 		return out, err
 	}
-	for _, sn := range []string{"overlayfs", "loop"} {
-		r := result{fs: fsType, snapshotter: sn, mode: "containerd 1.6"}
+	if _, err := d.ctr("image", "import", "--no-unpack", pcArchive); err != nil {
+		return out, err
+	}
+	free := func() int64 { return freeBytes(mnt) }
+	for _, sn := range []string{"overlayfs", "loop", "loopl"} {
+		label := sn
+		root := filepath.Join(mnt, "daemon", "root", "io.containerd.snapshotter.v1.overlayfs")
+		if sd := d.snaps[sn]; sd != nil {
+			label, root = "loop-"+sd.mode, sd.root
+		}
+		r := result{fs: fsType, snapshotter: label, mode: "containerd 1.6"}
+		// The previous snapshotter's removals are collected in the
+		// background: wait until they are done before the baseline.
+		settle(free)
 		free0 := freeBytes(mnt)
-		logf("%s/%s (daemon): unpack", fsType, sn)
+		logf("%s/%s (daemon): unpack", fsType, label)
 		start := time.Now()
 		_, r.err = d.ctr("image", "import", "--snapshotter", sn, archive)
 		r.unpack = time.Since(start)
 		r.freeDelta = free0 - freeBytes(mnt)
-		if sn == "loop" {
-			r.allocated = allocatedUnder(filepath.Join(d.snapRoot, "snapshots"))
-		} else {
-			r.allocated = allocatedUnder(filepath.Join(mnt, "daemon", "root", "io.containerd.snapshotter.v1.overlayfs"))
+		switch sn {
+		case "loop":
+			r.allocated = allocatedUnder(filepath.Join(root, "snapshots"))
+		case "loopl":
+			r.allocated = allocatedUnder(filepath.Join(root, "layers"))
+		default:
+			r.allocated = allocatedUnder(root)
 		}
 		if r.err == nil {
-			logf("%s/%s (daemon): %d x ctr run --rm", fsType, sn, runs)
+			logf("%s/%s (daemon): %d x ctr run --rm", fsType, label, runs)
 			r.p50, r.p99, r.err = d.startLatency(sn, img.ref, runs)
+		}
+		if r.err == nil {
+			logf("%s/%s (daemon): new container's disk", fsType, label)
+			r.perContainer, r.err = d.newContainerBytes(sn, img.ref, free)
+		}
+		if r.err == nil {
+			logf("%s/%s (daemon): page cache of 10 readers", fsType, label)
+			if _, err := d.ctr("image", "import", "--snapshotter", sn, pcArchive); err != nil {
+				r.err = err
+			} else {
+				r.pageCache, r.err = d.pageCacheGrowth(sn, pcRef, pageCacheFile, root, 10)
+			}
 		}
 		out = append(out, r)
 	}
@@ -290,8 +481,8 @@ func report(rs []result, img *benchImage, runs int, imgSize int64) {
 	unix.Uname(&uts)
 	fmt.Printf("Image: %d layers, %d MiB of incompressible data (uncompressed tars). Loop images and blockfile's scratch: %d MiB; 128-layer runs use 64 MiB images. Kernel %s, host %s.\n\n",
 		len(img.layers), img.size()>>20, imgSize>>20, strings.TrimRight(string(uts.Release[:]), "\x00"), host)
-	fmt.Println("| backing fs | snapshotter | via | unpack | free-space delta after unpack | allocated (st_blocks sum) | ctr run --rm p50 | p99 | 128LayersMount |")
-	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	fmt.Println("| backing fs | snapshotter | via | unpack | free-space delta after unpack | allocated (st_blocks sum) | ctr run --rm p50 | p99 | 128LayersMount | new container before writing | page cache, 10 readers of 100 MiB |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rs {
 		lat, l128 := "-", "-"
 		if r.p50 > 0 {
@@ -302,7 +493,11 @@ func report(rs []result, img *benchImage, runs int, imgSize int64) {
 		if r.l128 > 0 {
 			l128 = fmt.Sprintf("%.1f s", r.l128.Seconds())
 		}
-		fmt.Printf("| %s | %s | %s | %.2f s | %d MiB | %d MiB | %s | %s |\n", r.fs, r.snapshotter, r.mode, r.unpack.Seconds(), r.freeDelta>>20, r.allocated>>20, lat, l128)
+		per, pc := "-", "-"
+		if r.mode != "in-process" {
+			per, pc = fmt.Sprintf("%.2f MiB", float64(r.perContainer)/(1<<20)), fmt.Sprintf("%d MiB", r.pageCache>>20)
+		}
+		fmt.Printf("| %s | %s | %s | %.2f s | %d MiB | %d MiB | %s | %s | %s | %s |\n", r.fs, r.snapshotter, r.mode, r.unpack.Seconds(), r.freeDelta>>20, r.allocated>>20, lat, l128, per, pc)
 		if r.err != nil {
 			fmt.Printf("\nerror (%s/%s/%s): %v\n\n", r.fs, r.snapshotter, r.mode, r.err)
 		}

@@ -42,7 +42,7 @@ const crashEnv = "LOOP_SNAPSHOTTER_TEST_CRASH_AT"
 func main() {
 	if err := run(os.Args[1:], os.Stdout); err != nil {
 		fmt.Fprintf(os.Stderr, "loop-snapshotter: %v\n", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
 }
 
@@ -55,6 +55,7 @@ type options struct {
 func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options, *flag.FlagSet, error) {
 	o := &options{}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are returned, help is printed by the caller
 	fs.StringVar(&o.root, "root", "", "state directory (default "+config.DefaultSnapshotterRoot+")")
 	fs.StringVar(&o.address, "address", "", "unix socket to serve on (default "+config.DefaultSnapshotterAddress+")")
 	fs.StringVar(&o.configPath, "config", config.DefaultSnapshotterConfig, "configuration file (optional at the default path)")
@@ -63,7 +64,10 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 		extra(fs)
 	}
 	if err := fs.Parse(args); err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
+	}
+	if fs.NArg() > 0 {
+		return nil, fs, usageErr(fmt.Errorf("unexpected argument %q", fs.Arg(0)))
 	}
 	fs.Visit(func(f *flag.Flag) {
 		if f.Name == "config" {
@@ -72,7 +76,7 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 	})
 	cfg, _, err := config.LoadSnapshotter(o.configPath, o.configSet)
 	if err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
 	}
 	// Precedence: flag > config file > built-in default.
 	if o.root != "" {
@@ -85,7 +89,7 @@ func parseFlags(name string, args []string, extra func(*flag.FlagSet)) (*options
 		cfg.LogLevel = o.logLevel
 	}
 	if err := cfg.Validate(); err != nil {
-		return nil, nil, err
+		return nil, fs, usageErr(err)
 	}
 	o.cfg = cfg
 	return o, fs, nil
@@ -102,7 +106,6 @@ func run(args []string, stdout io.Writer) error {
 	var flags *flag.FlagSet
 	o, _, err := parseFlags("loop-snapshotter", args, func(fs *flag.FlagSet) {
 		fs.BoolVar(&showVersion, "version", false, "print version and commit")
-		fs.Usage = func() {}
 		flags = fs
 	})
 	if errors.Is(err, flag.ErrHelp) {
@@ -163,7 +166,11 @@ func serve(o *options) error {
 // runConfigDump prints the effective configuration (file + flags over the
 // built-in defaults) as TOML.
 func runConfigDump(args []string, stdout io.Writer) error {
-	o, _, err := parseFlags("config", args, nil)
+	o, fs, err := parseFlags("config", args, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		printCommandUsage(stdout, fs, configUsage)
+		return nil
+	}
 	if err != nil {
 		return err
 	}

@@ -84,3 +84,48 @@ func TestDefaultsWithoutConfigFile(t *testing.T) {
 		t.Errorf("defaults:\n%s", out.String())
 	}
 }
+
+// TestExitCodesAndMessages pins the exit status and the exact one-line
+// error of the main failure paths: 0 success (help included), 1 runtime
+// failure, 2 usage or configuration error; no context said twice.
+func TestExitCodesAndMessages(t *testing.T) {
+	dir := t.TempDir()
+	badSize := filepath.Join(dir, "size.toml")
+	if err := os.WriteFile(badSize, []byte("default_size = \"12 parsecs\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	absent := filepath.Join(dir, "absent.toml")
+	sock := filepath.Join(dir, "none.sock")
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string // the error text; "" for success
+		root bool   // pkg/config reads only root-owned files
+	}{
+		{[]string{"--help"}, 0, "", false},
+		{[]string{"status", "--help"}, 0, "", false},
+		{[]string{"config", "--help"}, 0, "", false},
+		{[]string{"--bogus"}, 2, "flag provided but not defined: -bogus", false},
+		{[]string{"status", "extra"}, 2, `unexpected argument "extra"`, false},
+		{[]string{"--config", absent}, 2, "open " + absent + ": file does not exist", false},
+		{[]string{"config", "--config", badSize}, 2, badSize + `: invalid configuration: key default_size (line 1 column 16): size "12 parsecs": unknown unit`, true},
+		{[]string{"config", "--log-level", "loud"}, 2, `invalid configuration: log_level: "loud" is not one of debug, info, warn, error`, false},
+		{[]string{"status", "--address", sock}, 1, "query " + sock + `: connection error: desc = "transport: Error while dialing: dial unix ` + sock + `: connect: no such file or directory"`, false},
+	} {
+		if tc.root && os.Geteuid() != 0 {
+			continue
+		}
+		var out bytes.Buffer
+		err := run(tc.args, &out)
+		got := ""
+		if err != nil {
+			got = err.Error()
+		}
+		if code := exitCode(err); code != tc.code || got != tc.want {
+			t.Errorf("%v: exit %d %q, want exit %d %q", tc.args, code, got, tc.code, tc.want)
+		}
+		if tc.code == 0 && (!strings.Contains(out.String(), "Exit status: 0 success") || strings.Contains(out.String(), "help requested")) {
+			t.Errorf("%v: help text:\n%s", tc.args, out.String())
+		}
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/loopkit/loopkit/internal/server"
 	"github.com/loopkit/loopkit/pkg/snapshot"
@@ -18,9 +20,13 @@ import (
 
 func runStatus(args []string, stdout io.Writer) error {
 	var asJSON bool
-	o, _, err := parseFlags("status", args, func(fs *flag.FlagSet) {
+	o, fs, err := parseFlags("status", args, func(fs *flag.FlagSet) {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
 	})
+	if errors.Is(err, flag.ErrHelp) {
+		printCommandUsage(stdout, fs, statusUsage)
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -33,7 +39,7 @@ func runStatus(args []string, stdout io.Writer) error {
 	defer cancel()
 	var st snapshot.Status
 	if err := conn.Invoke(ctx, server.StatusMethod, &struct{}{}, &st, grpc.CallContentSubtype(server.StatusCodec)); err != nil {
-		return fmt.Errorf("query %s: %w", o.cfg.Address, err)
+		return fmt.Errorf("query %s: %s", o.cfg.Address, status.Convert(err).Message())
 	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)

@@ -75,7 +75,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	partscan := fs.Bool("partscan", false, "enable partitions and create one device per entry of the GPT or MBR table")
 	var dio triFlag
 	fs.Var(&dio, "direct-io", `direct I/O to the backing file: "auto", "on" or "off"`)
-	tag := fs.String("tag", "", "owner tag written into lo_file_name (at most 63 bytes)")
+	tag := fs.String("tag", "loopctl", "owner tag written into lo_file_name (at most 63 bytes, not empty)")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up after this long")
 	asJSON := fs.Bool("json", false, "print the device as JSON, including the record to detach it by")
 	if err := parseFlags(fs, args, 1); err != nil {
@@ -92,8 +92,16 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		Partscan:   *partscan,
 		DirectIO:   dio.v,
 		FileName:   *tag,
-		// The device must outlive this process: no autoclear, relinquished.
-		Keep: true,
+		// The device must outlive this process: configured without
+		// autoclear from the start (no second LOOP_SET_STATUS64, which
+		// freezes the queue for 3-23 ms), relinquished. A crash inside
+		// Attach then leaves a device bound, found again by its tag.
+		Keep:          true,
+		KeepFromStart: true,
+		Logger:        logger(ctx),
+	}
+	if *tag == "" {
+		return usageError{"--tag: an owner tag is needed, so that a device left by a crash can be found"}
 	}
 	if *readOnly {
 		opts.Access = loopdev.AccessReadOnly
@@ -101,7 +109,7 @@ func runAttach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	backing := fs.Arg(0)
 	d, err := loopdev.Attach(ctx, backing, opts)
 	if err != nil {
-		return fmt.Errorf("attach %s: %w", backing, err)
+		return err // "attach F: ..." already
 	}
 	defer d.Close()
 

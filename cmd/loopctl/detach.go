@@ -22,23 +22,20 @@ func runDetach(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 
-	d, err := loopdev.Open(ctx, path, loopdev.OpenOptions{Access: loopdev.AccessReadOnly, ExpectDiskSeq: *diskseq})
+	d, err := loopdev.Open(ctx, path, loopdev.OpenOptions{Access: loopdev.AccessReadOnly, ExpectDiskSeq: *diskseq, Logger: logger(ctx)})
 	if err != nil {
-		return fmt.Errorf("detach %s: %w", path, err)
+		return fmt.Errorf("detach: %w", err) // "open F: ..."
 	}
 	// Open hands back a handle we do not own; taking ownership is the
 	// explicit step that allows Detach.
 	if err := d.Unrelinquish(); err != nil {
 		d.Close()
-		return fmt.Errorf("detach %s: %w", path, err)
+		return fmt.Errorf("detach: %w", err) // names the device
 	}
 	err = d.DetachWith(ctx, loopdev.DetachOptions{Wait: *wait})
 	if errors.Is(err, loopdev.ErrDetachDeferred) {
 		fmt.Fprintf(stderr, "loopctl detach: %s still in use; the kernel unbinds it at its last close\n", path)
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("detach %s: %w", path, err)
-	}
-	return nil
+	return err // "detach /dev/loopN: ..." already
 }

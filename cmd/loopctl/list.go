@@ -74,16 +74,16 @@ func runInfo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	defer cancel()
 	d, err := loopdev.Open(ctx, path, loopdev.OpenOptions{Access: loopdev.AccessReadOnly})
 	if err != nil {
-		return fmt.Errorf("info %s: %w", path, err)
+		return fmt.Errorf("info: %w", err) // "open F: ..."
 	}
 	defer d.Close()
 	info, err := findInfo(d)
 	if err != nil {
-		return fmt.Errorf("info %s: %w", path, err)
+		return fmt.Errorf("info: %w", err) // names the device
 	}
 	v := viewOfInfo(info)
 	if err := v.addDevice(d); err != nil {
-		return fmt.Errorf("info %s: %w", path, err)
+		return fmt.Errorf("info: %w", err) // "partitions of F: ..."
 	}
 	if *asJSON {
 		return writeJSON(stdout, v)

@@ -9,10 +9,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 
-	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,6 +22,17 @@ var (
 	version = "dev"
 	commit  = "unknown"
 )
+
+var logLevels = map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
+
+// loggerKey carries the --log-level logger in the context, to pkg/loopdev.
+type loggerKey struct{}
+
+// logger is the invocation's logger (pkg/loopdev's debug records go there).
+func logger(ctx context.Context) *slog.Logger {
+	l, _ := ctx.Value(loggerKey{}).(*slog.Logger)
+	return l
+}
 
 // usageError is a command-line mistake (exit status 2); an empty message
 // means the flag package already printed the reason.
@@ -41,6 +53,8 @@ Commands:
   version               print version and commit
 
 Run "loopctl COMMAND --help" for the flags of a command.
+
+Exit status: 0 success, 1 the operation failed, 2 usage error.
 `
 
 type command func(ctx context.Context, args []string, stdout, stderr io.Writer) error
@@ -73,13 +87,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 2
 	}
-	lvl, err := logrus.ParseLevel(*level)
-	if err != nil {
-		fmt.Fprintf(stderr, "loopctl: --log-level: %v\n", err)
+	lvl, ok := logLevels[strings.ToLower(*level)]
+	if !ok {
+		fmt.Fprintf(stderr, "loopctl: --log-level: not a valid level: %q (debug, info, warn, error)\n", *level)
 		return 2
 	}
-	logrus.SetLevel(lvl)
-	logrus.SetOutput(stderr)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	ctx = context.WithValue(ctx, loggerKey{}, log)
 
 	if fs.NArg() == 0 {
 		fs.Usage()
@@ -92,7 +106,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	err = cmd(ctx, fs.Args()[1:], stdout, stderr)
+	err := cmd(ctx, fs.Args()[1:], stdout, stderr)
 	switch {
 	case err == nil:
 		return 0
@@ -104,7 +118,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		return 2
 	default:
-		fmt.Fprintf(stderr, "loopctl %s: %v\n", name, err)
+		// The error names the operation and its object already (pkg/loopdev
+		// says "attach F: ..."): only the program's name is added.
+		fmt.Fprintf(stderr, "loopctl: %v\n", err)
 		return 1
 	}
 }
@@ -117,6 +133,7 @@ func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: loopctl %s %s\n\nFlags:\n", name, synopsis)
 		fs.PrintDefaults()
+		fmt.Fprintln(stderr, "\nExit status: 0 success, 1 the operation failed, 2 usage error.")
 	}
 	return fs
 }

@@ -7,7 +7,7 @@ import (
 	"testing"
 )
 
-func TestParseSize(t *testing.T) {
+func TestSizeFlag(t *testing.T) {
 	for _, tc := range []struct {
 		in   string
 		want uint64
@@ -17,6 +17,7 @@ func TestParseSize(t *testing.T) {
 		{in: "4096", want: 4096},
 		{in: "1K", want: 1 << 10},
 		{in: "64M", want: 64 << 20},
+		{in: "64MB", want: 64 << 20},
 		{in: "64MiB", want: 64 << 20},
 		{in: "2g", want: 2 << 30},
 		{in: "1T", want: 1 << 40},
@@ -26,15 +27,16 @@ func TestParseSize(t *testing.T) {
 		{in: "1.5M", bad: true},
 		{in: "M", bad: true},
 	} {
-		got, err := parseSize(tc.in)
+		var f sizeFlag
+		err := f.Set(tc.in)
 		if tc.bad {
 			if err == nil {
-				t.Errorf("parseSize(%q) = %d, want an error", tc.in, got)
+				t.Errorf("Set(%q) = %d, want an error", tc.in, f)
 			}
 			continue
 		}
-		if err != nil || got != tc.want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		if err != nil || uint64(f) != tc.want {
+			t.Errorf("Set(%q) = %d, %v; want %d", tc.in, f, err, tc.want)
 		}
 	}
 }

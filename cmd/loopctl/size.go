@@ -1,52 +1,24 @@
 package main
 
 import (
+	"errors"
 	"fmt"
-	"math"
 	"strconv"
-	"strings"
+
+	"github.com/loopkit/loopkit/pkg/config"
 )
 
-// parseSize reads a byte count with an optional binary suffix: K, M, G, T
-// (KiB, MiB, GiB, TiB; an optional trailing "iB" or "B" is accepted).
-func parseSize(s string) (uint64, error) {
-	t := strings.TrimSpace(s)
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "iB"), "B")
-	shift := 0
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'k', 'K':
-			shift = 10
-		case 'm', 'M':
-			shift = 20
-		case 'g', 'G':
-			shift = 30
-		case 't', 'T':
-			shift = 40
-		}
-		if shift != 0 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseUint(t, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("size %q: want a byte count such as 4096, 64M or 1G", s)
-	}
-	if v > math.MaxUint64>>shift {
-		return 0, fmt.Errorf("size %q: too large", s)
-	}
-	return v << shift, nil
-}
-
-// sizeFlag is a flag.Value holding a byte count.
+// sizeFlag is a flag.Value holding a byte count, read by the size parser
+// of loopkit's config files: K, M, G, T with or without B/iB, all binary.
 type sizeFlag uint64
 
 func (f *sizeFlag) String() string { return strconv.FormatUint(uint64(*f), 10) }
 
 func (f *sizeFlag) Set(s string) error {
-	v, err := parseSize(s)
+	v, err := config.ParseByteSize(s)
 	if err != nil {
-		return err
+		// flag prefixes `invalid value "s" for flag -size:`.
+		return errors.New("want a byte count such as 4096, 64M or 1GiB (K, M, G, T: powers of 1024)")
 	}
 	*f = sizeFlag(v)
 	return nil

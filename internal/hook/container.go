@@ -79,25 +79,37 @@ func (c *Container) inspect() error {
 
 // ProcessStartTime reads field 22 (starttime) of /proc/<pid>/stat.
 func ProcessStartTime(pid int) (uint64, error) {
+	start, _, err := readStat(pid)
+	return start, err
+}
+
+func readStat(pid int) (start uint64, state string, err error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return 0, "", err
 	}
-	return parseStartTime(data)
+	return parseStat(data)
 }
 
 func parseStartTime(stat []byte) (uint64, error) {
+	start, _, err := parseStat(stat)
+	return start, err
+}
+
+// parseStat returns starttime (field 22) and state (field 3).
+func parseStat(stat []byte) (uint64, string, error) {
 	// comm (field 2) may contain spaces and parentheses: split after the last ')'.
 	i := bytes.LastIndexByte(stat, ')')
 	if i < 0 {
-		return 0, errors.New("malformed /proc stat")
+		return 0, "", errors.New("malformed /proc stat")
 	}
 	fields := strings.Fields(string(stat[i+1:]))
 	// fields[0] is field 3 (state); starttime is field 22.
 	if len(fields) < 20 {
-		return 0, errors.New("malformed /proc stat")
+		return 0, "", errors.New("malformed /proc stat")
 	}
-	return strconv.ParseUint(fields[19], 10, 64)
+	start, err := strconv.ParseUint(fields[19], 10, 64)
+	return start, fields[0], err
 }
 
 // CheckRootless refuses to run inside a user namespace that is not the

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"testing"
 
+	"github.com/loopkit/loopkit/internal/hookpolicy"
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
@@ -34,7 +35,7 @@ func FuzzParsers(f *testing.F) {
 			cfg.Images = map[string]config.HookImage{"ds": {Path: "/srv/ds.sqfs", FSType: "squashfs"}}
 			if plans, err := MakePlans(&cfg, reqs); err == nil {
 				for _, p := range plans {
-					if config.IsDeniedDest(p.Dest) || !(config.HasPathPrefix(p.Dest, "/data") || config.HasPathPrefix(p.Dest, "/mnt")) {
+					if hookpolicy.IsDeniedDest(p.Dest) || !(hookpolicy.HasPathPrefix(p.Dest, "/data") || hookpolicy.HasPathPrefix(p.Dest, "/mnt")) {
 						t.Fatalf("plan with destination %q", p.Dest)
 					}
 				}

@@ -275,31 +275,14 @@ func hostMountinfo(t *testing.T, dirs ...string) string {
 	return strings.Join(out, "\n")
 }
 
-// boundTo lists the loop devices bound to path.
-func boundTo(t *testing.T, path string) []string {
-	t.Helper()
-	var out []string
-	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, e := range entries {
-		b, err := os.ReadFile(e)
-		if err != nil {
-			continue
-		}
-		if strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)") == path {
-			out = append(out, filepath.Base(filepath.Dir(filepath.Dir(e))))
-		}
-	}
-	return out
-}
-
 // waitUnbound waits (bounded) for the autoclear detach of path's devices,
 // which the kernel performs as the last holder goes away.
 func waitUnbound(t *testing.T, path string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for len(boundTo(t, path)) > 0 {
+	for len(testutil.BoundTo(path)) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%s still bound: %v", path, boundTo(t, path))
+			t.Fatalf("%s still bound: %v", path, testutil.BoundTo(path))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

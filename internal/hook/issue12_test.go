@@ -4,7 +4,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/loopkit/loopkit/internal/testutil"
@@ -68,7 +70,7 @@ func TestSetupTwiceSameContainer(t *testing.T) {
 			t.Fatalf("setup %d: %v", i, err)
 		}
 	}
-	if n := len(boundTo(t, e.cfg.Images["squashfs"].Path)); n != 1 {
+	if n := len(testutil.BoundTo(e.cfg.Images["squashfs"].Path)); n != 1 {
 		t.Errorf("%d devices bound, want 1", n)
 	}
 	data, _ := os.ReadFile("/proc/" + itoa(c.Pid) + "/mountinfo")
@@ -228,4 +230,82 @@ func TestAttachErrorTextAndLibraryLog(t *testing.T) {
 	if err := e.hook.Teardown(ctxT(t), c.state("slog", StatusStopped, nil)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// Issue 12, finding 9: removing the lock file at unlock must not break
+// mutual exclusion. Holders unlink the file while holding it; a waiter that
+// locked the unlinked file starts over on the new one. Many lockers at
+// once never overlap, and no lock file is left.
+func TestLockFileRemovalKeepsExclusion(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := filepath.Join(t.TempDir(), "state")
+	store, err := OpenStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	var (
+		mu      sync.Mutex
+		holders int
+		wg      sync.WaitGroup
+	)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 100 {
+				l, err := store.Lock(ctxT(t), "c")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				holders++
+				if holders != 1 {
+					t.Errorf("%d holders at once", holders)
+				}
+				mu.Unlock()
+				runtime.Gosched()
+				mu.Lock()
+				holders--
+				mu.Unlock()
+				if err := l.Unlock(); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("left in the state directory: %v", entries)
+	}
+}
+
+// Issue 12, finding 8: a second container with the same id and bundle
+// (another runtime root) is refused at setup while the first runs; the
+// first keeps its mount and record.
+func TestSameIDSameBundleRefused(t *testing.T) {
+	e := newTestEnv(t)
+	a := e.newFakeContainer("a", true, nil)
+	b := e.newFakeContainer("b", true, nil)
+	b.Bundle = a.Bundle
+	if err := e.hook.Setup(ctxT(t), a.state("dup", StatusCreating, ann("squashfs", "/data")), nil); err != nil {
+		t.Fatal(err)
+	}
+	err := e.hook.Setup(ctxT(t), b.state("dup", StatusCreating, ann("squashfs", "/data")), nil)
+	if ExitCode(err) != 3 || !strings.Contains(err.Error(), "another running container (pid "+itoa(a.Pid)+") with the same id and bundle") {
+		t.Fatalf("second setup: %v", err)
+	}
+	if r, _ := e.recordOf(t, "dup"); r == nil || r.InitPid != a.Pid || a.mountLine(t, "/data") == "" {
+		t.Fatal("the refused setup touched the running container's record or mount")
+	}
+	if n := len(testutil.BoundTo(e.cfg.Images["squashfs"].Path)); n != 1 {
+		t.Errorf("%d devices bound, want 1", n)
+	}
+	a.Kill()
+	waitUnbound(t, e.cfg.Images["squashfs"].Path)
+	if err := e.hook.Teardown(ctxT(t), a.state("dup", StatusStopped, nil)); err != nil {
+		t.Fatal(err)
+	}
+	assertStateEmpty(t, e)
 }

@@ -232,7 +232,7 @@ func TestSharedDestinationRefused(t *testing.T) {
 	if hostMountinfo(t, e.dir) != before {
 		t.Error("host mountinfo changed")
 	}
-	if b := boundTo(t, e.cfg.Images["squashfs"].Path); len(b) != 0 {
+	if b := testutil.BoundTo(e.cfg.Images["squashfs"].Path); len(b) != 0 {
 		t.Errorf("image still bound: %v", b)
 	}
 	if r, _ := e.recordOf(t, "shared"); r != nil {
@@ -334,7 +334,7 @@ func TestRestartSameID(t *testing.T) {
 	if first == nil || second == nil || second.InitPid != c2.Pid || second.Mounts[0].DiskSeq == first.Mounts[0].DiskSeq {
 		t.Fatalf("record not fresh: %+v then %+v", first, second)
 	}
-	if n := len(boundTo(t, e.cfg.Images["squashfs"].Path)); n != 1 {
+	if n := len(testutil.BoundTo(e.cfg.Images["squashfs"].Path)); n != 1 {
 		t.Fatalf("%d devices bound, want 1", n)
 	}
 	c2.Kill()

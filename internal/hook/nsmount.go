@@ -13,7 +13,8 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/loopkit/loopkit/pkg/config"
+	"github.com/loopkit/loopkit/internal/hookpolicy"
+	"github.com/loopkit/loopkit/internal/nsthread"
 )
 
 // Placement says where and how a detached mount is attached in the container.
@@ -30,34 +31,7 @@ type Placement struct {
 // inNamespace runs fn on a throwaway thread that has entered the
 // container's mount namespace.
 func (c *Container) inNamespace(fn func() error) error {
-	return onThrowawayThread(func() error { return c.enterAndRun(fn) })
-}
-
-// onThrowawayThread runs fn on a dedicated, locked OS thread other than the
-// main thread, for namespace changes that must not leak into the rest of
-// the process. The thread is discarded afterwards: the goroutine exits
-// without UnlockOSThread, so the runtime kills the tainted thread.
-func onThrowawayThread(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if unix.Gettid() == unix.Getpid() {
-			// The main thread can never be discarded (Go wedges it instead)
-			// and /proc/self follows it: keep it locked here, untouched, so
-			// that the worker below is scheduled on another thread.
-			defer runtime.UnlockOSThread()
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				runtime.LockOSThread()
-				errc <- fn()
-			}()
-			<-done
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
+	return nsthread.Run(func() error { return c.enterAndRun(fn) })
 }
 
 // enterAndRun runs on a locked thread other than the main thread; the
@@ -108,7 +82,7 @@ func (c *Container) ResolveDests(ps []Placement) ([]*os.File, error) {
 				return err
 			}
 			for j, q := range resolved {
-				if config.HasPathPrefix(rel, q) || config.HasPathPrefix(q, rel) {
+				if hookpolicy.HasPathPrefix(rel, q) || hookpolicy.HasPathPrefix(q, rel) {
 					return invalidf("destinations %s and %s are nested (they resolve to %s and %s); nested destinations are refused", ps[j].Dest, p.Dest, q, rel)
 				}
 			}
@@ -167,10 +141,10 @@ func checkResolved(rootfd, destfd int, p Placement) (string, error) {
 		return "", refusedf("destination %s changed while being resolved", p.Dest)
 	}
 	if rel != p.Dest {
-		if config.IsDeniedDest(rel) {
+		if hookpolicy.IsDeniedDest(rel) {
 			return "", refusedf("destination %s resolves to %s, which is always denied", p.Dest, truncate(rel, 128))
 		}
-		if !slices.ContainsFunc(p.AllowedPrefixes, func(pre string) bool { return config.HasPathPrefix(rel, pre) }) {
+		if !slices.ContainsFunc(p.AllowedPrefixes, func(pre string) bool { return hookpolicy.HasPathPrefix(rel, pre) }) {
 			return "", refusedf("destination %s resolves to %s, which is not below an allowed prefix (%s)", p.Dest, truncate(rel, 128), strings.Join(p.AllowedPrefixes, ", "))
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/loopkit/loopkit/internal/hookpolicy"
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
@@ -50,7 +51,7 @@ func MakePlans(cfg *config.Hook, reqs []Request) ([]Plan, error) {
 			// The inner mount would land on the rootfs under the outer one:
 			// invisible, yet holding a loop device. ResolveDests checks the
 			// resolved locations the same way.
-			if config.HasPathPrefix(p.Dest, q.Dest) || config.HasPathPrefix(q.Dest, p.Dest) {
+			if hookpolicy.HasPathPrefix(p.Dest, q.Dest) || hookpolicy.HasPathPrefix(q.Dest, p.Dest) {
 				return nil, invalidf("destinations %s and %s are nested; nested destinations are refused", q.Dest, p.Dest)
 			}
 			if q.ImagePath == p.ImagePath && (q.RW || p.RW) {
@@ -99,7 +100,7 @@ func planImage(cfg *config.Hook, r Request) (Plan, error) {
 		return Plan{}, refusedf("image %q: rw needs a catalog entry", truncate(r.Image, 128))
 	}
 	for _, d := range cfg.AllowedImageDirs {
-		if r.Image != d && config.HasPathPrefix(r.Image, d) {
+		if r.Image != d && hookpolicy.HasPathPrefix(r.Image, d) {
 			return Plan{
 				ImagePath: r.Image,
 				Noexec:    r.Noexec,
@@ -124,11 +125,11 @@ func CheckDest(cfg *config.Hook, untrusted string) (string, error) {
 		return "", invalidf("destination %q is not an absolute path", truncate(untrusted, 128))
 	}
 	clean := filepath.Clean(untrusted)
-	if config.IsDeniedDest(clean) {
+	if hookpolicy.IsDeniedDest(clean) {
 		return "", refusedf("destination %s is always denied", truncate(clean, 128))
 	}
 	for _, p := range cfg.DestAllowedPrefixes {
-		if config.HasPathPrefix(clean, p) {
+		if hookpolicy.HasPathPrefix(clean, p) {
 			return clean, nil
 		}
 	}

@@ -36,7 +36,7 @@ func TestSetupTeardownEachFSType(t *testing.T) {
 				t.Errorf("mount visible in the host namespace")
 			}
 			img := e.cfg.Images[fstype].Path
-			devs := boundTo(t, img)
+			devs := testutil.BoundTo(img)
 			if len(devs) != 1 {
 				t.Fatalf("bound devices %v, want one", devs)
 			}

@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/nsthread"
 )
 
 // LockChildCommand is the hidden first argument with which the hook
@@ -37,7 +39,7 @@ const LockChildCommand = "__lock-mount-flags"
 // namespace copies pin the host's mounts, for a few milliseconds.
 func lockFlags(mnt *os.File, stage string) (*os.File, error) {
 	var locked *os.File
-	err := onThrowawayThread(func() error {
+	err := nsthread.Run(func() error {
 		if err := unix.Unshare(unix.CLONE_FS | unix.CLONE_NEWNS); err != nil {
 			return fmt.Errorf("lock mount flags: unshare mount namespace: %w", err)
 		}

@@ -2,17 +2,20 @@ package server
 
 import (
 	"context"
-	"errors"
+	"fmt"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/loopkit/loopkit/internal/snapservice"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
 
 // errNotServing answers requests that arrive after the snapshotter failed
 // to start (the daemon is about to exit).
-var errNotServing = errors.New("snapshotter is not serving")
+var errNotServing = fmt.Errorf("snapshotter is not serving: %w", errdefs.ErrUnavailable)
 
 // pending stands in for the snapshotter while it reconciles on a socket
 // that systemd passed: the gRPC server already answers, so containerd's
@@ -59,8 +62,8 @@ func (p *pending) now() *snapshot.Snapshotter {
 type lazySnapshotter struct{ p *pending }
 
 var (
-	_ snapshots.Snapshotter = lazySnapshotter{}
-	_ snapshots.Cleaner     = lazySnapshotter{}
+	_ snapservice.Snapshotter = lazySnapshotter{}
+	_ snapshots.Cleaner       = lazySnapshotter{}
 )
 
 func (l lazySnapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
@@ -146,6 +149,20 @@ func (l lazySnapshotter) Cleanup(ctx context.Context) error {
 // Close is the daemon's business (Run closes the snapshotter), not a
 // client's.
 func (l lazySnapshotter) Close() error { return nil }
+
+// Describe and Collect serve the snapshotter's own metrics once it exists
+// (the metrics endpoint is only served after that).
+func (l lazySnapshotter) Describe(ch chan<- *prometheus.Desc) {
+	if sn := l.p.now(); sn != nil {
+		sn.Describe(ch)
+	}
+}
+
+func (l lazySnapshotter) Collect(ch chan<- prometheus.Metric) {
+	if sn := l.p.now(); sn != nil {
+		sn.Collect(ch)
+	}
+}
 
 // Status serves the status service through pending.
 func (l lazySnapshotter) Status(ctx context.Context) (snapshot.Status, error) {

@@ -12,18 +12,16 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path"
 	"path/filepath"
 	"time"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
-	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/log"
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
+	"github.com/loopkit/loopkit/internal/snapservice"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
 
@@ -119,7 +117,7 @@ func Run(ctx context.Context, o Options, build Build) error {
 		return err
 	}
 	p := newPending()
-	srv := newGRPCServer(p)
+	srv, svc := newGRPCServer(p)
 	errc := make(chan error, 2)
 	if l != nil {
 		log.G(ctx).WithField("address", l.Addr().String()).Info("socket activation: serving on the socket systemd passed")
@@ -140,7 +138,9 @@ func Run(ctx context.Context, o Options, build Build) error {
 		go func() { errc <- srv.Serve(l) }()
 	}
 	if o.MetricsAddress != "" {
-		hs, err := serveMetrics(ctx, sn, o.MetricsAddress, errc)
+		// Registered only now: the snapshotter's collectors describe
+		// themselves once it exists.
+		hs, err := serveMetrics(ctx, svc, o.MetricsAddress, errc)
 		if err != nil {
 			srv.Stop()
 			return err
@@ -183,46 +183,25 @@ func Run(ctx context.Context, o Options, build Build) error {
 	return serveErr
 }
 
-// newGRPCServer serves the snapshots and status services through p, and
-// records each RPC's duration and result once the snapshotter exists.
-func newGRPCServer(p *pending) *grpc.Server {
-	observe := func(method string, start time.Time, err error) {
-		if sn := p.now(); sn != nil {
-			sn.ObserveRPC(path.Base(method), time.Since(start), err)
-		}
-	}
-	srv := grpc.NewServer(
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			start := time.Now()
-			resp, err := h(ctx, req)
-			observe(info.FullMethod, start, err)
-			return resp, err
-		}),
-		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			start := time.Now()
-			err := h(srv, ss)
-			observe(info.FullMethod, start, err)
-			return err
-		}),
-	)
+// newGRPCServer serves the snapshots service (snapservice: containerd's
+// error codes, call metrics, a log line per failed call) and the status
+// service, both through p.
+func newGRPCServer(p *pending) (*grpc.Server, *snapservice.Service) {
 	lazy := lazySnapshotter{p}
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(lazy))
+	svc := snapservice.New(lazy)
+	srv := grpc.NewServer(svc.ServerOptions()...)
+	svc.Register(srv)
 	RegisterStatus(srv, lazy)
-	return srv
+	return srv, svc
 }
 
-func serveMetrics(ctx context.Context, sn *snapshot.Snapshotter, address string, errc chan<- error) (*http.Server, error) {
+func serveMetrics(ctx context.Context, svc *snapservice.Service, address string, errc chan<- error) (*http.Server, error) {
 	ml, err := net.Listen("tcp", address)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		if err := sn.WriteMetrics(r.Context(), w); err != nil {
-			log.G(ctx).WithError(err).Warn("write metrics")
-		}
-	})
+	mux.Handle("/metrics", svc.MetricsHandler())
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { errc <- hs.Serve(ml) }()
 	log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -34,7 +35,13 @@ func MountReflinkXFS(t testing.TB, base string, size int64) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := dev.Detach(context.Background()); err != nil {
+		// A lazy unmount or udev's probe may still hold the device at the
+		// clear: wait (bounded) for the kernel's unbind instead of calling
+		// the deferred detach a leak, so the caller's leak check sees the
+		// device gone.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := dev.DetachWith(ctx, loopdev.DetachOptions{Wait: true}); err != nil {
 			t.Errorf("detach xfs device: %v", err)
 		}
 	})

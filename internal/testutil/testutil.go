@@ -4,7 +4,6 @@
 package testutil
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +11,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // RequireEnv names the switch `make test` sets: with it, a test whose
@@ -146,29 +147,15 @@ func Snapshot(dirs ...string) map[string]bool {
 			devs["/dev/"+filepath.Base(p)] = true
 		}
 	}
-	f, err := os.Open("/proc/self/mountinfo")
+	// moby/sys/mountinfo undoes the octal escapes (\040 for a space).
+	mounts, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return !under(m.Mountpoint, dirs) && !devs[m.Source], false
+	})
 	if err != nil {
 		return out
 	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64*1024), 1024*1024)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) < 10 {
-			continue
-		}
-		mp := unescape(fields[4])
-		src := ""
-		for i, fld := range fields {
-			if fld == "-" && i+2 < len(fields) {
-				src = unescape(fields[i+2])
-				break
-			}
-		}
-		if under(mp, dirs) || devs[src] {
-			out[fmt.Sprintf("mount %s on %s", src, mp)] = true
-		}
+	for _, m := range mounts {
+		out[fmt.Sprintf("mount %s on %s", m.Source, m.Mountpoint)] = true
 	}
 	return out
 }
@@ -182,22 +169,19 @@ func under(p string, dirs []string) bool {
 	return false
 }
 
-// unescape undoes mountinfo's octal escapes (\040 for space and friends).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v int
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%o", &v); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
+// BoundTo lists the loop devices (loopN) whose backing file, as sysfs shows
+// it, is path. Read from sysfs only: no device is opened.
+func BoundTo(path string) []string {
+	var out []string
+	entries, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, e := range entries {
+		b, err := os.ReadFile(e)
+		if err != nil {
+			continue
 		}
-		b.WriteByte(s[i])
+		if strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)") == path {
+			out = append(out, filepath.Base(filepath.Dir(filepath.Dir(e))))
+		}
 	}
-	return b.String()
+	return out
 }

@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"io/fs"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
+
+	"github.com/loopkit/loopkit/internal/hookpolicy"
 )
 
 // DefaultHookPath is where oci-loop-hook looks for its configuration.
@@ -53,10 +54,6 @@ const (
 
 // HookFSTypes are the filesystem types the hook knows how to check and mount.
 var hookFSTypes = []string{"squashfs", "erofs", "ext4"}
-
-// CatalogName is the pattern of catalog names (and of the name part of
-// annotation requests).
-var CatalogName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 // DefaultHook returns the built-in defaults: an enabled hook with an empty
 // catalog and raw paths off, so that every request is refused.
@@ -133,12 +130,12 @@ func (h *Hook) Validate() error {
 		if !isAbsClean(p) {
 			return bad("dest_allowed_prefixes: %q is not absolute and clean", p)
 		}
-		if p == "/" || IsDeniedDest(p) {
+		if p == "/" || hookpolicy.IsDeniedDest(p) {
 			return bad("dest_allowed_prefixes: %q is always denied", p)
 		}
 	}
 	for name, img := range h.Images {
-		if !CatalogName.MatchString(name) {
+		if !hookpolicy.CatalogName.MatchString(name) {
 			return bad("images.%s: invalid catalog name", name)
 		}
 		if !isAbsClean(img.Path) {
@@ -167,29 +164,6 @@ func (h *Hook) Validate() error {
 		return bad("ext4_read_only_options: invalid value %q", h.Ext4ReadOnlyOptions)
 	}
 	return nil
-}
-
-// IsDeniedDest reports whether the clean absolute path p is "/" or lies at or
-// below /proc, /sys or /dev, which are never valid destinations.
-func IsDeniedDest(p string) bool {
-	if p == "/" {
-		return true
-	}
-	for _, d := range []string{"/proc", "/sys", "/dev"} {
-		if HasPathPrefix(p, d) {
-			return true
-		}
-	}
-	return false
-}
-
-// HasPathPrefix reports whether p equals prefix or lies below it, comparing
-// whole path components ("/database" is not below "/data").
-func HasPathPrefix(p, prefix string) bool {
-	if prefix == "/" {
-		return strings.HasPrefix(p, "/")
-	}
-	return p == prefix || strings.HasPrefix(p, prefix+"/")
 }
 
 func isAbsClean(p string) bool {

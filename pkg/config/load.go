@@ -59,10 +59,13 @@ func describeTOMLError(err error) error {
 	var de *toml.DecodeError
 	if errors.As(err, &de) {
 		row, col := de.Position()
+		// A value's own UnmarshalText error (a size) already says
+		// "invalid configuration"; the class is named once.
+		msg := strings.TrimPrefix(strings.TrimPrefix(de.Error(), "toml: "), ErrInvalid.Error()+": ")
 		if k := de.Key(); len(k) > 0 {
-			return fmt.Errorf("%w: key %s (line %d column %d): %s", ErrInvalid, strings.Join(k, "."), row, col, strings.TrimPrefix(de.Error(), "toml: "))
+			return fmt.Errorf("%w: key %s (line %d column %d): %s", ErrInvalid, strings.Join(k, "."), row, col, msg)
 		}
-		return fmt.Errorf("%w: line %d column %d: %s", ErrInvalid, row, col, strings.TrimPrefix(de.Error(), "toml: "))
+		return fmt.Errorf("%w: line %d column %d: %s", ErrInvalid, row, col, msg)
 	}
 	return fmt.Errorf("%w: %s", ErrInvalid, singleLine(err.Error()))
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
-	"strconv"
 	"strings"
 	"time"
 )
@@ -16,58 +15,6 @@ const (
 	DefaultSnapshotterAddress = "/run/loop-snapshotter/loop-snapshotter.sock"
 	DefaultSnapshotterConfig  = "/etc/loop-snapshotter/config.toml"
 )
-
-// ByteSize is a size in bytes. In TOML it is an integer (bytes) or a string
-// with an optional binary or decimal unit: "10GiB", "512M", "4096".
-type ByteSize int64
-
-// UnmarshalText implements encoding.TextUnmarshaler for TOML strings.
-func (s *ByteSize) UnmarshalText(b []byte) error {
-	v, err := ParseByteSize(string(b))
-	if err != nil {
-		return err
-	}
-	*s = v
-	return nil
-}
-
-// MarshalText prints the size in bytes.
-func (s ByteSize) MarshalText() ([]byte, error) {
-	return []byte(strconv.FormatInt(int64(s), 10)), nil
-}
-
-var sizeUnits = map[string]int64{
-	"": 1, "b": 1,
-	"k": 1 << 10, "kb": 1000, "kib": 1 << 10,
-	"m": 1 << 20, "mb": 1000 * 1000, "mib": 1 << 20,
-	"g": 1 << 30, "gb": 1000 * 1000 * 1000, "gib": 1 << 30,
-	"t": 1 << 40, "tb": 1000 * 1000 * 1000 * 1000, "tib": 1 << 40,
-}
-
-// ParseByteSize parses "10GiB", "256MiB", "512M" (binary), "1GB" (decimal)
-// or a plain number of bytes.
-func ParseByteSize(s string) (ByteSize, error) {
-	t := strings.TrimSpace(s)
-	i := 0
-	for i < len(t) && t[i] >= '0' && t[i] <= '9' {
-		i++
-	}
-	if i == 0 {
-		return 0, fmt.Errorf("%w: size %q: not a number", ErrInvalid, s)
-	}
-	n, err := strconv.ParseInt(t[:i], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%w: size %q: %v", ErrInvalid, s, err)
-	}
-	mult, ok := sizeUnits[strings.ToLower(strings.TrimSpace(t[i:]))]
-	if !ok {
-		return 0, fmt.Errorf("%w: size %q: unknown unit", ErrInvalid, s)
-	}
-	if n > (1<<62)/mult {
-		return 0, fmt.Errorf("%w: size %q: too large", ErrInvalid, s)
-	}
-	return ByteSize(n * mult), nil
-}
 
 // Duration is a time.Duration written as a Go duration string ("10m").
 type Duration time.Duration

@@ -216,7 +216,7 @@ func TestR02_RandomizedBackoff(t *testing.T) {
 			t.Errorf("backoff %d: attempt %d slept %v, want attempt %d in [0, %v)", i, s.attempt, s.d, i+1, bound(i+1))
 		}
 	}
-	if err := d.Detach(bg); err != nil {
+	if err := detachWait(d); err != nil {
 		t.Fatal(err)
 	}
 

@@ -15,10 +15,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// configureBroken remembers, process-wide, that LOOP_CONFIGURE is missing or
-// misapplied its arguments (5.8 ignored PARTSCAN and the size limit). Set
-// once, never reset; the package's only mutable global.
+// configureBroken remembers, process-wide, that LOOP_CONFIGURE (kernel
+// commit 3448914e8cc5, 5.8) is missing or misapplied its arguments (5.8
+// ignored PARTSCAN and the size limit). Set once, never reset; the package's
+// only mutable global besides the control lock's queue.
 var configureBroken atomic.Bool
+
+// diskseqWorks remembers that this kernel reports diskseq (5.15+), so the
+// uevent seqnum fence, which only matters without diskseq, is not read on
+// every attach (a sysfs open and read). Set once, never reset.
+var diskseqWorks atomic.Bool
 
 // Attach opens backingPath and attaches it to a free loop device.
 func Attach(ctx context.Context, backingPath string, opts Options) (*Device, error) {
@@ -29,14 +35,14 @@ func Attach(ctx context.Context, backingPath string, opts Options) (*Device, err
 	f, err := openBackingPath(backingPath, opts.Access, dio)
 	if err != nil {
 		if errors.Is(err, unix.EISDIR) {
-			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("backing is a directory"))
+			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("a directory"))
 		}
 		if errors.Is(err, unix.ENXIO) {
 			// open(2) on a FIFO with O_NONBLOCK|O_RDWR succeeds, but O_RDONLY/O_WRONLY
 			// on a socket or FIFO without reader gives ENXIO: a bad argument here.
 			return nil, fmt.Errorf("attach %s: %w", backingPath, invalidf("not a regular file or block device"))
 		}
-		return nil, fmt.Errorf("attach %s: %w", backingPath, err)
+		return nil, opError("attach", backingPath, err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }
@@ -71,7 +77,7 @@ func AttachFile(ctx context.Context, backing *os.File, opts Options) (*Device, e
 		f, err = reopenNamed(backing, openBase|acc, name)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("attach %s: %w", backing.Name(), err)
+		return nil, opError("attach", backing.Name(), err)
 	}
 	return attachBacking(ctx, f, opts, dio)
 }
@@ -106,7 +112,8 @@ func attachBacking(ctx context.Context, f *os.File, opts Options, dio bool) (*De
 	return d, nil
 }
 
-// allocate runs the allocation loop (spec 3.4) and the post-loop steps.
+// allocate runs the allocation loop (get-free, attempt, randomized backoff,
+// as systemd's loop_device_make_internal) and the post-loop steps.
 func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device, error) {
 	var uev *ueventSocket
 	if opts.WaitPartitions {
@@ -132,8 +139,12 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		d, err := attempt(ctx, nr, b, opts, dio)
 		if err == nil {
 			d.uevents = uev
-			err = finish(ctx, d, b, opts)
+			// The device is bound and locked (LOCK_EX on d.lock): no
+			// cooperating allocator can be handed it now, so the control
+			// lock, which every attach on the host waits for, is released
+			// before the post-attach steps rather than after.
 			ctl.Close()
+			err = finish(ctx, d, b, opts)
 			if err != nil {
 				// The device is ours now: the full teardown, after the
 				// control lock is released (it waits for the device lock).
@@ -172,18 +183,15 @@ func allocate(ctx context.Context, b *backing, opts *Options, dio bool) (*Device
 		if opts.onBackoff != nil {
 			opts.onBackoff(n+1, sleep)
 		}
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if err := sleepCtx(ctx, sleep); err != nil {
 			uev.Close()
-			return nil, fmt.Errorf("backoff after %v: %w", lastErr, ctx.Err())
-		case <-t.C:
+			return nil, fmt.Errorf("backoff after %v: %w", lastErr, err)
 		}
 	}
 }
 
-// attempt is one pass on loop<nr> (spec 3.5). On success the device is
+// attempt is one pass on loop<nr>: node, open, lock, bound check, stale
+// partitions, configure, verify. On success the device is
 // bound, owned, and locked exclusively on d.lock.
 func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (_ *Device, retErr error) {
 	if err := opts.fault(stepGetFree, nr); err != nil {
@@ -194,13 +202,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	if err != nil {
 		return nil, err
 	}
-	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), true)
+	// No diskseq check here: the number just came from LOOP_CTL_GET_FREE
+	// and the bound check under the lock decides; the diskseq that matters
+	// is read after the configure.
+	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), false)
 	if err != nil {
 		return nil, err
 	}
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
-		remove: opts.RemoveDevice, log: loggerOr(opts.Logger)}
+		remove: opts.RemoveDevice, log: loggerOr(opts.Logger), unpartitioned: !opts.Partscan}
 	bound := false
 	defer func() {
 		if retErr != nil {
@@ -226,12 +237,16 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	// An unbound device can still carry partitions (5.8, or a partition held
 	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
-	if n, err := deletePartitions(main, devnum); err != nil {
+	if n, err := deletePartitions(main, devnum, "loop"+strconv.Itoa(nr)); err != nil {
 		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	} else if n > 0 {
 		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
 	}
-	d.fences = readFences()
+	if opts.forceNoDiskseq || !diskseqWorks.Load() {
+		d.fences = readFences()
+	} else {
+		d.fences = Fences{SeqnumNotBefore: math.MaxUint64}
+	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {
 		return nil, err
 	}
@@ -248,6 +263,9 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 			return nil, fmt.Errorf("BLKGETDISKSEQ %s: %w", node, err)
 		}
 		d.diskseq = seq
+		if seq != 0 {
+			diskseqWorks.Store(true)
+		}
 	}
 	if d.size, err = unix.IoctlGetUint64(int(main.Fd()), unix.BLKGETSIZE64); err != nil {
 		return nil, fmt.Errorf("BLKGETSIZE64 %s: %w", node, err)
@@ -255,7 +273,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	return d, nil
 }
 
-// buildConfig fills loop_config (spec 3.3 step 7).
+// buildConfig fills struct loop_config for LOOP_CONFIGURE.
 func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 	var cfg unix.LoopConfig
 	cfg.Fd = uint32(b.file.Fd())
@@ -270,7 +288,7 @@ func buildConfig(b *backing, opts *Options, dio bool) unix.LoopConfig {
 		cfg.Info.Sizelimit = lim
 	}
 	// AUTOCLEAR always: a crash before the caller decides never leaks a device.
-	// PARTSCAN is deferred (section 5.5) to avoid double scans.
+	// PARTSCAN is set after the attach (enablePartscan) to avoid double scans.
 	cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
 	if opts.KeepFromStart {
 		cfg.Info.Flags = 0 // the caller accepted the crash window (owner tag set)
@@ -375,20 +393,18 @@ func setStatusRetry(ctx context.Context, fd int, info *unix.LoopInfo64) error {
 		if err != unix.EAGAIN || n >= maxAttempts {
 			return err
 		}
-		sleep := 10*time.Millisecond + rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)
-		t := time.NewTimer(sleep)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		// systemd's formula for this retry: 10 ms + uniform[0, 240 ms * n/64).
+		if err := sleepCtx(ctx, 10*time.Millisecond+rand.N(time.Duration(240*float64(time.Millisecond)*float64(n)/maxAttempts)+1)); err != nil {
+			return err
 		}
 	}
 }
 
 var errConfigureBroken = errors.New("LOOP_CONFIGURE result does not match the request")
 
-// verifyConfigured checks what the kernel applied (spec 4.1).
+// verifyConfigured checks what the kernel applied: 5.8's LOOP_CONFIGURE
+// ignored the size limit and PARTSCAN, and from 6.14 the DIO flag reports
+// whether direct I/O is really in effect.
 func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
 	fd := int(d.file.Fd())
 	ss, err := unix.IoctlGetUint32(fd, unix.BLKSSZGET)
@@ -415,6 +431,7 @@ func verifyConfigured(d *Device, b *backing, opts *Options, dio bool) error {
 	if err != nil {
 		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
 	}
+	d.status = info
 	d.dio = info.Flags&unix.LO_FLAGS_DIRECT_IO != 0
 	if dio && !d.dio {
 		// From 6.14 the flag reports the effective state; restart buffered.
@@ -441,7 +458,8 @@ func expectedSize(backingSize, offset, sizelimit uint64, blockSize uint32) uint6
 	return avail
 }
 
-// finish runs the post-loop steps with the control lock still held (spec 3.7).
+// finish runs the post-attach steps: the device is bound, verified and
+// locked exclusively, so no cooperating allocator gets it meanwhile.
 func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	fd := int(d.file.Fd())
 	if b.isBlock {
@@ -456,9 +474,15 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		return err
 	}
 	d.backing = BackingID{Dev: devOfStat(&b.st), Ino: b.st.Ino}
-	info, err := unix.IoctlLoopGetStatus64(fd)
-	if err != nil {
-		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+	// The verification's status still holds for what is checked here
+	// (backing, offset, autoclear, read-only: partscan changes none of them).
+	info := d.status
+	d.status = nil
+	if info == nil {
+		var err error
+		if info, err = unix.IoctlLoopGetStatus64(fd); err != nil {
+			return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", d.path, err)
+		}
 	}
 	// Identity check (beyond systemd): the kernel must have bound our inode.
 	if info.Device != d.backing.Dev || info.Inode != d.backing.Ino || info.Offset != opts.Offset {
@@ -489,8 +513,8 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		d.lock.Close()
 		d.lock = nil
 	case LockShared:
-		// Downgrading with flock is not atomic, but we hold the control lock,
-		// so no cooperating allocator can take the device in between.
+		// Downgrading with flock is not atomic, but the device is bound: a
+		// cooperating allocator never takes a bound device.
 		if err := unix.Flock(int(d.lock.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
 			return fmt.Errorf("downgrade lock on %s: %w", d.path, err)
 		}
@@ -536,7 +560,8 @@ func ensureNode(node string, nr int) (Devnum, error) {
 	return devnumOfNode(node)
 }
 
-// openVerified opens a block node safely (spec 7.1): O_PATH|O_NOFOLLOW, check
+// openVerified opens a block node safely (a node in /dev can be replaced,
+// and a number reused, between lookup and open): O_PATH|O_NOFOLLOW, check
 // it is the block device with the expected devnum, then reopen with the
 // wanted flags and require the diskseq to be the one seen (0: read from
 // sysfs first when checkSysfs). Any mismatch is ENXIO ("absent").
@@ -558,7 +583,9 @@ func openVerified(node string, devnum Devnum, diskseq uint64, acc int, checkSysf
 			diskseq = s
 		}
 	}
-	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), openBase|acc, 0)
+	// Without O_NONBLOCK (it means nothing to a block device here): os.NewFile
+	// would register a non-blocking fd with the poller, a failing epoll_ctl.
+	fd, err := unix.Open(fmt.Sprintf("/proc/self/fd/%d", pfd), unix.O_CLOEXEC|unix.O_NOCTTY|acc, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "reopen", Path: node, Err: err}
 	}
@@ -586,7 +613,8 @@ func getDiskseq(fd uintptr) (uint64, error) {
 }
 
 // readFences records the uevent seqnum and CLOCK_MONOTONIC just before the
-// attach ioctl (spec 7.2).
+// attach ioctl: on kernels without diskseq they tell this attachment's
+// uevents and udev entries from an earlier one's.
 func readFences() Fences {
 	f := Fences{SeqnumNotBefore: math.MaxUint64}
 	if s, err := readAttrUint("/sys/kernel/uevent_seqnum"); err == nil {
@@ -600,7 +628,7 @@ func readFences() Fences {
 }
 
 // shortcut returns a wrapper around a block-device backing instead of a new
-// loop device when nothing would change (spec 3.3): offset 0, whole size,
+// loop device when nothing would change (as systemd does): offset 0, whole size,
 // same sector size, and partscan either unneeded or already effective.
 func shortcut(ctx context.Context, b *backing, opts *Options) (*Device, bool, error) {
 	if opts.Offset != 0 || opts.Size != 0 || opts.SectorSize != b.blockSize {

@@ -30,7 +30,7 @@ func (b *backing) lockFile() error {
 		return nil
 	}
 	if err := unix.Flock(int(b.file.Fd()), lockHow(b.lock)|unix.LOCK_NB); err != nil {
-		return fmt.Errorf("lock backing %s: %w", b.path, os.NewSyscallError("flock", err))
+		return fmt.Errorf("lock backing: %w", os.NewSyscallError("flock", err))
 	}
 	return nil
 }
@@ -73,58 +73,59 @@ func openBackingPath(path string, mode AccessMode, dio bool) (*os.File, error) {
 	return os.NewFile(uintptr(fd), filepath.Clean(abs)), nil
 }
 
-// prepareBacking runs the preamble (spec 3.3) on an opened backing fd, which
+// prepareBacking checks and sizes an opened backing fd (mode, type, size,
+// sector size, O_DIRECT to match the DIO setting), which
 // it takes over.
 func prepareBacking(f *os.File, opts *Options, dio *bool) (*backing, error) {
 	b := &backing{file: f, path: f.Name()}
 	fl, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
 	if err != nil {
-		return nil, fmt.Errorf("fcntl %s: %w", b.path, err)
+		return nil, fmt.Errorf("fcntl: %w", err)
 	}
 	switch {
 	case fl&unix.O_PATH != 0, fl&unix.O_ACCMODE == unix.O_WRONLY:
-		return nil, fmt.Errorf("backing %s opened O_PATH or write-only: %w", b.path, unix.EBADFD)
+		return nil, fmt.Errorf("opened O_PATH or write-only: %w", unix.EBADFD)
 	case fl&unix.O_ACCMODE == unix.O_RDONLY:
 		if opts.Access == AccessReadWrite {
-			return nil, fmt.Errorf("backing %s is read-only but read-write was asked: %w", b.path, unix.EROFS)
+			return nil, fmt.Errorf("read-only, but read-write was asked: %w", unix.EROFS)
 		}
 		b.readOnly = true
 	}
 	b.direct = fl&unix.O_DIRECT != 0
 	if err := unix.Fstat(int(f.Fd()), &b.st); err != nil {
-		return nil, fmt.Errorf("stat %s: %w", b.path, err)
+		return nil, fmt.Errorf("stat: %w", err)
 	}
 	switch b.st.Mode & unix.S_IFMT {
 	case unix.S_IFBLK:
 		b.isBlock = true
 		bs, err := unix.IoctlGetUint32(int(f.Fd()), unix.BLKSSZGET)
 		if err != nil {
-			return nil, fmt.Errorf("BLKSSZGET %s: %w", b.path, err)
+			return nil, fmt.Errorf("BLKSSZGET: %w", err)
 		}
 		if int32(bs) <= 0 {
-			return nil, fmt.Errorf("BLKSSZGET %s: sector size %d: %w", b.path, int32(bs), unix.EIO)
+			return nil, fmt.Errorf("BLKSSZGET: sector size %d: %w", int32(bs), unix.EIO)
 		}
 		b.blockSize = bs
 		if b.size, err = unix.IoctlGetUint64(int(f.Fd()), unix.BLKGETSIZE64); err != nil {
-			return nil, fmt.Errorf("BLKGETSIZE64 %s: %w", b.path, err)
+			return nil, fmt.Errorf("BLKGETSIZE64: %w", err)
 		}
 	case unix.S_IFREG:
 		b.size = uint64(b.st.Size)
 	case unix.S_IFDIR:
-		return nil, invalidf("backing %s is a directory", b.path)
+		return nil, invalidf("a directory")
 	default:
-		return nil, invalidf("backing %s is not a regular file or block device", b.path)
+		return nil, invalidf("not a regular file or block device")
 	}
 	if b.size < 512 {
-		return nil, invalidf("backing %s is %d bytes, less than one 512-byte sector", b.path, b.size)
+		return nil, invalidf("%d bytes, less than one 512-byte sector", b.size)
 	}
 	if opts.Offset >= b.size || b.size-opts.Offset < 512 {
-		return nil, invalidf("offset %d beyond the end of %s (%d bytes)", opts.Offset, b.path, b.size)
+		return nil, invalidf("offset %d beyond the end (%d bytes)", opts.Offset, b.size)
 	}
 	if opts.SectorSize == SectorSizeAuto {
 		ss, err := probeGPTSectorSize(f)
 		if err != nil {
-			return nil, fmt.Errorf("probe sector size of %s: %w", b.path, err)
+			return nil, fmt.Errorf("probe sector size: %w", err)
 		}
 		opts.SectorSize = ss
 	}
@@ -135,7 +136,7 @@ func prepareBacking(f *os.File, opts *Options, dio *bool) (*backing, error) {
 		}
 	}
 	if expectedSize(b.size, opts.Offset, opts.Size, opts.SectorSize) == 0 {
-		return nil, invalidf("%s holds less than one %d-byte logical block past offset %d", b.path, opts.SectorSize, opts.Offset)
+		return nil, invalidf("less than one %d-byte logical block past offset %d", opts.SectorSize, opts.Offset)
 	}
 	// The DIO setting is the master: an O_DIRECT backing fd turns DIO on by
 	// itself on newer kernels, which would defeat an explicit "off".
@@ -145,7 +146,7 @@ func prepareBacking(f *os.File, opts *Options, dio *bool) (*backing, error) {
 		case err != nil && *dio:
 			*dio = false // O_DIRECT refused: continue buffered
 		case err != nil:
-			return nil, fmt.Errorf("clear O_DIRECT on %s: %w", b.path, err)
+			return nil, fmt.Errorf("clear O_DIRECT: %w", err)
 		default:
 			b.direct = *dio
 		}
@@ -189,7 +190,7 @@ func setDirect(f *os.File, on bool) error {
 // the BackingLock again, against that very device.
 func (b *backing) dropDirect() error {
 	if err := setDirect(b.file, false); err != nil {
-		return fmt.Errorf("clear O_DIRECT on %s: %w", b.path, err)
+		return fmt.Errorf("clear O_DIRECT: %w", err)
 	}
 	b.direct = false
 	return nil

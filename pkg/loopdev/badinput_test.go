@@ -153,7 +153,7 @@ func TestBadInput(t *testing.T) {
 		if pos, _ := f.Seek(0, 1); pos != 1234 {
 			t.Errorf("caller's file position moved to %d: the fd was shared, not reopened", pos)
 		}
-		if err := d.Detach(bg); err != nil {
+		if err := detachWait(d); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := f.ReadAt(make([]byte, 1), 0); err != nil {

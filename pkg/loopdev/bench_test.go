@@ -30,7 +30,7 @@ func BenchmarkAttachDetach(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					if err := dev.Detach(bg); err != nil {
+					if err := detachWait(dev); err != nil {
 						b.Fatal(err)
 					}
 				}

@@ -6,9 +6,12 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// Fences narrow the reuse race on kernels without diskseq (spec 7.2): uevents
+// Fences narrow the reuse race on kernels without diskseq (before 5.15,
+// kernel commit 7957d93bf32b added BLKGETDISKSEQ): uevents
 // with SEQNUM <= SeqnumNotBefore and udev entries initialised before
 // TimeNotBefore (CLOCK_MONOTONIC) belong to an earlier attachment.
 type Fences struct {
@@ -19,18 +22,19 @@ type Fences struct {
 // BackingID is the (st_dev, st_ino) of the file behind a loop device, equal
 // to the kernel's lo_device/lo_inode.
 type BackingID struct {
-	Dev uint64 `json:"dev"`
-	Ino uint64 `json:"ino"`
+	Dev uint64 `json:"dev"` // st_dev of the backing file
+	Ino uint64 `json:"ino"` // st_ino of the backing file
 }
 
 // Record is what a caller persists to find and detach an attachment later,
-// possibly from another process (spec 8.3).
+// possibly from another process: DetachRecord and Verify check devnum and
+// diskseq (without diskseq: backing and offset) before they act.
 type Record struct {
-	Path    string    `json:"path"`
-	Devnum  Devnum    `json:"devnum"`
-	DiskSeq uint64    `json:"diskseq"`
-	Backing BackingID `json:"backing"`
-	Offset  uint64    `json:"offset"`
+	Path    string    `json:"path"`    // /dev/loopN
+	Devnum  Devnum    `json:"devnum"`  // major:minor of the device
+	DiskSeq uint64    `json:"diskseq"` // the kernel's disk sequence number of this attachment; 0 = unknown
+	Backing BackingID `json:"backing"` // the backing file, the identity without diskseq
+	Offset  uint64    `json:"offset"`  // byte offset of the device in the backing
 }
 
 // Device is an open loop device (or, for the block-device shortcut, the
@@ -59,18 +63,38 @@ type Device struct {
 	created     bool
 	owned       bool
 	closed      bool
-	remove      bool         // LOOP_CTL_REMOVE after the clear
-	shortcut    bool         // the block-device backing itself: nothing was attached
-	ioAtAttach  *ioCounters  // diskstats when the attach finished, for flush
-	log         *slog.Logger // nil: discard
+	remove      bool // LOOP_CTL_REMOVE after the clear
+	// unpartitioned: attached here without partscan and given no BLKPG
+	// partition since, so with max_part 0 there is none to delete.
+	unpartitioned bool
+	status        *unix.LoopInfo64 // LOOP_GET_STATUS64 of the attach's verification, reused once by finish
+	shortcut      bool             // the block-device backing itself: nothing was attached
+	ioAtAttach    *ioCounters      // diskstats when the attach finished, for flush
+	log           *slog.Logger     // nil: discard
 }
 
-func (d *Device) Path() string         { return d.path }
-func (d *Device) Nr() int              { return d.nr }
-func (d *Device) Devnum() Devnum       { return d.devnum }
-func (d *Device) DiskSeq() uint64      { return d.diskseq }
-func (d *Device) Fences() Fences       { return d.fences }
-func (d *Device) BackingPath() string  { return d.backingPath }
+// Path is the device node, /dev/loopN (the backing's own node for the
+// block-device shortcut).
+func (d *Device) Path() string { return d.path }
+
+// Nr is N of /dev/loopN, or -1 for a device that is not a loop device.
+func (d *Device) Nr() int { return d.nr }
+
+// Devnum is the device's major:minor.
+func (d *Device) Devnum() Devnum { return d.devnum }
+
+// DiskSeq is the kernel's sequence number of this attachment (never reused
+// until reboot); 0 on kernels without BLKGETDISKSEQ.
+func (d *Device) DiskSeq() uint64 { return d.diskseq }
+
+// Fences are the uevent seqnum and time read before the attach, which tell
+// this attachment's events from earlier ones on kernels without diskseq.
+func (d *Device) Fences() Fences { return d.fences }
+
+// BackingPath is the backing file's path as the attach saw it.
+func (d *Device) BackingPath() string { return d.backingPath }
+
+// BackingID is the backing file's (st_dev, st_ino).
 func (d *Device) BackingID() BackingID { return d.backing }
 
 // Offset is the start of the device in the backing, in bytes.
@@ -79,6 +103,8 @@ func (d *Device) Offset() uint64 {
 	defer d.mu.Unlock()
 	return d.offset
 }
+
+// SectorSize is the device's logical block size.
 func (d *Device) SectorSize() uint32 { return d.sectorSize }
 
 // Size is the device's size in bytes.
@@ -87,9 +113,16 @@ func (d *Device) Size() uint64 {
 	defer d.mu.Unlock()
 	return d.size
 }
+
+// ReadOnly reports whether the device is read-only.
 func (d *Device) ReadOnly() bool { return d.readOnly }
+
+// DirectIO reports whether the kernel does direct I/O to the backing.
 func (d *Device) DirectIO() bool { return d.dio }
-func (d *Device) Created() bool  { return d.created }
+
+// Created reports whether this handle made the attachment (or took it over
+// with Unrelinquish), as opposed to opening an existing one.
+func (d *Device) Created() bool { return d.created }
 
 // File is the main fd. It is closed by Detach and Close, and after a
 // DetachWith with Exclusive it is another fd: do not keep it.

@@ -13,8 +13,13 @@ import (
 // one apart; everywhere else it is opaque and printed as "major:minor".
 type Devnum uint64
 
-func (d Devnum) Major() uint32  { return unix.Major(uint64(d)) }
-func (d Devnum) Minor() uint32  { return unix.Minor(uint64(d)) }
+// Major is the device's major number.
+func (d Devnum) Major() uint32 { return unix.Major(uint64(d)) }
+
+// Minor is the device's minor number.
+func (d Devnum) Minor() uint32 { return unix.Minor(uint64(d)) }
+
+// String formats the devnum as "major:minor", as sysfs does.
 func (d Devnum) String() string { return fmt.Sprintf("%d:%d", d.Major(), d.Minor()) }
 
 // SysfsDir is /sys/dev/block/M:m, the device's sysfs directory.

@@ -3,6 +3,7 @@ package loopdev
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"golang.org/x/sys/unix"
 )
@@ -80,4 +81,15 @@ func unsupportedErrno(err error) bool {
 		}
 	}
 	return false
+}
+
+// opError wraps err with "op path: ", dropping the path from an
+// *os.PathError about that same path, so the message names it once
+// ("attach F: open: no such file or directory", not "attach F: open F: ...").
+func opError(op, path string, err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) && pe.Path == path {
+		return fmt.Errorf("%s %s: %s: %w", op, path, pe.Op, pe.Err)
+	}
+	return fmt.Errorf("%s %s: %w", op, path, err)
 }

@@ -43,7 +43,7 @@ func TestFlushAfterWrites(t *testing.T) {
 	if _, err := d.File().WriteAt(pattern, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Detach(bg); err != nil {
+	if err := detachWait(d); err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, len(pattern))

@@ -33,7 +33,7 @@ func TestR05_NeverClobberForeignBinding(t *testing.T) {
 	if err := tn.intact(); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Detach(bg); err != nil {
+	if err := detachWait(d); err != nil {
 		t.Fatal(err)
 	}
 	if err := tn.intact(); err != nil {

@@ -154,7 +154,7 @@ func heavyMain(t *testing.T, img string, parts []sfPart, mnt string, udev bool) 
 }
 
 // addAndPin adds the partitions with BLKPG and opens them with the identity
-// checks of spec 7.1; the open fds pin them.
+// checks of openVerified; the open fds pin them.
 func addAndPin(ctx context.Context, d *Device, parts []sfPart) (map[int]*os.File, error) {
 	for i, p := range parts {
 		if err := d.AddPartition(i+1, p.Start*512, p.Size*512); err != nil {

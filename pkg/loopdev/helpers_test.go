@@ -89,38 +89,40 @@ func attachT(t testing.TB, path string, o Options) *Device {
 	return d
 }
 
+// detachWait detaches d and, when another opener (udev, a losetup of
+// another user that probed the free number) defers the unbind, waits for
+// the kernel to finish it: what the test started is then really gone.
+func detachWait(d *Device) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return d.DetachWith(ctx, DetachOptions{Wait: true})
+}
+
 // cleanupDevice detaches d at cleanup unless the test already did; it never
-// touches a binding that is no longer ours.
+// touches a binding that is no longer ours. A deferred unbind (ours or the
+// test's) is waited for, so that NoLeaks sees the end state.
 func cleanupDevice(t testing.TB, d *Device) {
 	t.Helper()
 	rec := d.Record()
 	created := d.Created()
 	t.Cleanup(func() {
-		if !created {
+		if !created || !stillOurs(rec) {
 			_ = d.Close()
 			return
 		}
-		if !stillOurs(rec) {
-			_ = d.Close()
-			return
-		}
-		err := d.Detach(bg)
-		if errors.Is(err, ErrDetachDeferred) {
-			// Another opener (udevd, another package's List) holds it for a
-			// moment; the kernel unbinds at its close. Bounded wait, so
-			// that NoLeaks still catches a real leak.
-			for deadline := time.Now().Add(5 * time.Second); stillOurs(rec) && time.Now().Before(deadline); {
+		err := detachWait(d)
+		if errors.Is(err, os.ErrClosed) {
+			// The test detached it; the unbind may still be on its way.
+			err = nil
+			for deadline := time.Now().Add(30 * time.Second); stillOurs(rec) && time.Now().Before(deadline); {
 				time.Sleep(10 * time.Millisecond)
 			}
-			return
 		}
-		if err != nil {
+		if err != nil || stillOurs(rec) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			if stillOurs(rec) {
-				if err2 := DetachRecord(ctx, rec, DetachOptions{}); err2 != nil {
-					t.Logf("cleanup of %s: %v, then %v", rec.Path, err, err2)
-				}
+			if err2 := DetachRecord(ctx, rec, DetachOptions{Wait: true}); err2 != nil && !errors.Is(err2, ErrGone) {
+				t.Logf("cleanup of %s: %v, then %v", rec.Path, err, err2)
 			}
 		}
 	})
@@ -302,7 +304,15 @@ func (tn *tenant) intact() error {
 func (tn *tenant) release() {
 	_ = unix.IoctlSetInt(int(tn.dev.Fd()), unix.LOOP_CLR_FD, 0)
 	tn.dev.Close()
+	name := tn.backing.Name()
 	tn.backing.Close()
+	// Another opener (udev, a probing losetup) makes the clear lazy: wait
+	// for the unbind, bounded, so the leak check sees it done.
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if b, bound := sysBacking(tn.nr); !bound || b != name {
+			return
+		}
+	}
 }
 
 // holder is an external process holding a flock until killed.
@@ -460,11 +470,16 @@ func udevRunning() []int {
 }
 
 // requireUdevIfAsked honours LOOPKIT_TEST_UDEV=1: udevd must run for this
-// test; if nobody started it, start it and stop it (by pid) at cleanup.
+// test; if nobody started it, start it and stop it (by pid) at cleanup. It
+// reports whether other openers may hold our devices for a moment, making a
+// detach lazy: udevd's probes, or (LOOPKIT_TEST_LOOP_CHURN=1, set by
+// scripts/with-losetup-churn.sh) another loop user whose losetup opened a
+// number it got from LOOP_CTL_GET_FREE just before we bound it.
 func requireUdevIfAsked(t *testing.T) bool {
 	t.Helper()
+	churn := os.Getenv("LOOPKIT_TEST_LOOP_CHURN") == "1"
 	if os.Getenv("LOOPKIT_TEST_UDEV") != "1" {
-		return len(udevRunning()) > 0
+		return churn || len(udevRunning()) > 0
 	}
 	if len(udevRunning()) > 0 {
 		return true

@@ -12,7 +12,8 @@ import (
 )
 
 // Poll interval for LOCK_NB polling: start small, double, cap. systemd blocks
-// forever in flock; a stuck holder would wedge every allocation (R21).
+// forever in flock; a stuck holder would wedge every allocation, so every
+// wait here ends with the caller's context.
 // The cap is low because udev workers take LOCK_SH on a whole disk back to
 // back: a waiter for LOCK_EX that sleeps 50 ms misses the short gaps and
 // starves (seen with 8 workers under a 32-goroutine stress run).
@@ -37,14 +38,24 @@ func flockPoll(ctx context.Context, fd int, how int, nonBlocking bool) error {
 			return os.NewSyscallError("flock", err)
 		}
 		// Jitter keeps waiters from polling in lockstep.
-		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("wait for lock: %w", ctx.Err())
-		case <-t.C:
+		if err := sleepCtx(ctx, delay/2+rand.N(delay/2+1)); err != nil {
+			return fmt.Errorf("wait for lock: %w", err)
 		}
 		delay = min(delay*2, lockPollMax)
+	}
+}
+
+// sleepCtx waits for d, or returns ctx's error as soon as ctx is done: the
+// one sleep of every retry and poll loop of the package (each keeps its own
+// interval formula, most of them systemd's).
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
 	}
 }
 

@@ -16,27 +16,33 @@ import (
 
 // OpenOptions describes how to open an existing device.
 type OpenOptions struct {
-	Access          AccessMode // Auto and ReadWrite open read-write; ReadOnly read-only
-	Lock            LockState
+	Access AccessMode // Auto and ReadWrite open read-write; ReadOnly read-only
+	// Lock is the lock to take on the device once open.
+	Lock LockState
+	// LockNonBlocking makes a held lock fail with EWOULDBLOCK.
 	LockNonBlocking bool
-	// Optional expectations: a mismatch is ErrReused.
+	// ExpectDiskSeq, when not 0, is the diskseq the device must have; a
+	// mismatch is ErrReused.
 	ExpectDiskSeq uint64
+	// ExpectBacking, when not nil, is the backing the device must be bound
+	// to; a mismatch is ErrReused.
 	ExpectBacking *BackingID
 	// Logger receives debug records of this handle; nil logs nothing.
 	Logger *slog.Logger
 }
 
-// Open opens an existing block device (spec 9.1): a reopen, never a dup, with
-// the identity checks of spec 7.1. The handle is not owned: Detach returns
+// Open opens an existing block device through O_PATH and a reopen (never a
+// dup), checking devnum and, when given, diskseq and backing. The handle is
+// not owned: Detach releases it and returns
 // ErrNotOwned until Unrelinquish.
 func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 	real, err := filepath.EvalSymlinks(path)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, opError("open", path, err)
 	}
 	devnum, err := devnumOfNode(real)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, opError("open", real, err)
 	}
 	acc := unix.O_RDWR
 	if opts.Access == AccessReadOnly {
@@ -93,20 +99,20 @@ func Open(ctx context.Context, path string, opts OpenOptions) (*Device, error) {
 // FindByBacking read sysfs only, so Backing is zero in List's results and
 // FileName is empty in both: Inspect fills them.
 type Info struct {
-	Path        string    `json:"path"`
-	Nr          int       `json:"nr"`
-	Devnum      Devnum    `json:"devnum"`
-	DiskSeq     uint64    `json:"diskseq"`
+	Path        string    `json:"path"`         // /dev/loopN
+	Nr          int       `json:"nr"`           // N
+	Devnum      Devnum    `json:"devnum"`       // major:minor
+	DiskSeq     uint64    `json:"diskseq"`      // 0 on kernels without diskseq
 	BackingFile string    `json:"backing_file"` // sysfs text, namespace-relative
 	Deleted     bool      `json:"deleted"`      // backing file was unlinked
-	Backing     BackingID `json:"backing"`
-	Offset      uint64    `json:"offset"`
-	SizeLimit   uint64    `json:"sizelimit"`
-	Autoclear   bool      `json:"autoclear"`
-	ReadOnly    bool      `json:"read_only"`
-	Partscan    bool      `json:"partscan"`
-	DirectIO    bool      `json:"direct_io"`
-	FileName    string    `json:"file_name"`
+	Backing     BackingID `json:"backing"`      // zero unless Inspect or FindByBacking filled it
+	Offset      uint64    `json:"offset"`       // bytes into the backing
+	SizeLimit   uint64    `json:"sizelimit"`    // bytes; 0 = to the end
+	Autoclear   bool      `json:"autoclear"`    // unbinds at the last close
+	ReadOnly    bool      `json:"read_only"`    // read-only device
+	Partscan    bool      `json:"partscan"`     // the kernel scans its partition table
+	DirectIO    bool      `json:"direct_io"`    // direct I/O to the backing
+	FileName    string    `json:"file_name"`    // lo_file_name owner tag; empty unless Inspect filled it
 }
 
 // Record turns an Info into a record for DetachRecord.
@@ -260,7 +266,7 @@ func Verify(rec Record) error {
 }
 
 // openRecord opens the device named by rec and proves it still carries that
-// attachment (spec 8.3). With exclusive the open is O_EXCL, which fails with
+// attachment. With exclusive the open is O_EXCL, which fails with
 // EBUSY (ErrInUse) while a filesystem is mounted from the device.
 func openRecord(rec Record, exclusive bool) (*os.File, error) {
 	// A zero identity would match whatever is bound there now, a foreign

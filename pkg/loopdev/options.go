@@ -13,10 +13,13 @@ const (
 	// AccessAuto tries read-write and falls back to read-only on EROFS,
 	// EACCES or EPERM (read-only media, read-only bind mounts).
 	AccessAuto AccessMode = iota
+	// AccessReadWrite fails when the backing cannot be opened read-write.
 	AccessReadWrite
+	// AccessReadOnly opens the backing and binds the device read-only.
 	AccessReadOnly
 )
 
+// String names the mode for messages.
 func (m AccessMode) String() string {
 	switch m {
 	case AccessReadWrite:
@@ -31,8 +34,13 @@ func (m AccessMode) String() string {
 type LockState int
 
 const (
+	// LockNone holds no lock.
 	LockNone LockState = iota
+	// LockShared is flock(LOCK_SH): what udev takes while it probes;
+	// readers share it.
 	LockShared
+	// LockExclusive is flock(LOCK_EX): keeps udev and cooperating tools
+	// (systemd, other loopkit users) away from the device.
 	LockExclusive
 )
 
@@ -49,11 +57,14 @@ const maxAttempts = 64
 // read-write if possible (else read-only), 512-byte sectors, direct I/O on
 // where the backing supports it, autoclear, no lock handed back.
 type Options struct {
+	// Access is how the backing and the device are opened.
 	Access AccessMode
-	// Offset and Size in bytes; Size 0 means to the end of the backing.
-	// Both must be multiples of 512.
+	// Offset is the start of the device in the backing, in bytes, a
+	// multiple of 512.
 	Offset uint64
-	Size   uint64
+	// Size is the device's size limit in bytes, a multiple of 512; 0 means
+	// to the end of the backing.
+	Size uint64
 	// SectorSize is the logical block size: 0 = 512 for files (the device's
 	// for block backings), SectorSizeAuto = GPT probe, or 512..4096.
 	SectorSize uint32
@@ -67,7 +78,9 @@ type Options struct {
 	// once for the device and once for the file).
 	DirectIO *bool
 	// Lock is the lock handed back with the device.
-	Lock            LockState
+	Lock LockState
+	// LockNonBlocking makes a held Lock fail with EWOULDBLOCK instead of
+	// waiting for it.
 	LockNonBlocking bool
 	// Keep clears AUTOCLEAR and relinquishes the device before returning, so
 	// it stays bound after this process exits ("attach and keep").

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -15,28 +16,32 @@ import (
 
 // Partition is one partition of a loop device, as sysfs shows it.
 type Partition struct {
-	Nr     int
-	Path   string
-	Devnum Devnum
+	Nr     int    // partition number, N of /dev/loopXpN
+	Path   string // /dev/loopXpN
+	Devnum Devnum // major:minor of the partition
 	Start  uint64 // bytes
 	Size   uint64 // bytes
 }
 
 // listPartitions enumerates the sub-directories of the disk's sysfs
-// directory that carry a "partition" file.
-func listPartitions(disk Devnum) ([]Partition, error) {
+// directory that carry a "partition" file. name is the disk's kernel name
+// (loop7) when the caller knows it, else "" and it is read from sysfs.
+func listPartitions(disk Devnum, name string) ([]Partition, error) {
 	dir := disk.SysfsDir()
 	// Partitions are the sub-directories named <disk>p<N> (loop7p1); matching
 	// the name first spares a failed open per attribute file of the disk.
-	link, err := os.Readlink(dir) // /sys/dev/block/M:m -> ../../devices/.../loopN
-	if err != nil {
-		return nil, err
+	if name == "" {
+		link, err := os.Readlink(dir) // /sys/dev/block/M:m -> ../../devices/.../loopN
+		if err != nil {
+			return nil, err
+		}
+		name = filepath.Base(link)
 	}
 	names, err := readDirNames(dir)
 	if err != nil {
 		return nil, err
 	}
-	prefix := filepath.Base(link) + "p"
+	prefix := name + "p"
 	var out []Partition
 	for _, name := range names {
 		if !strings.HasPrefix(name, prefix) {
@@ -87,8 +92,8 @@ func readDirNames(dir string) ([]string, error) {
 
 // deletePartitions removes every partition synchronously with BLKPG, so the
 // next user of the number sees none. It returns how many it found.
-func deletePartitions(f *os.File, disk Devnum) (int, error) {
-	parts, err := listPartitions(disk)
+func deletePartitions(f *os.File, disk Devnum, name string) (int, error) {
+	parts, err := listPartitions(disk, name)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, unix.ENODEV
@@ -129,7 +134,8 @@ func btrfsForget(node string) {
 }
 
 // effectivePartscan decides whether the kernel scans partitions of a disk
-// (spec 5.5); these files changed meaning in 5.17, 5.19, 6.3 and 6.10.
+// (max_part, GENHD_FL_NO_PART, the partscan attribute); these files
+// changed meaning in 5.17, 5.19, 6.3 and 6.10.
 func effectivePartscan(disk Devnum) bool {
 	dir := disk.SysfsDir()
 	if v, err := readAttr(dir + "/partscan"); err == nil { // 6.10+, 6.6 backports
@@ -152,7 +158,7 @@ func effectivePartscan(disk Devnum) bool {
 	return true
 }
 
-// enablePartscan turns partscan on after the attach (spec 5.5). LOOP_CONFIGURE
+// enablePartscan turns partscan on after the attach. LOOP_CONFIGURE
 // with PARTSCAN emits a change uevent before rereading partitions; a udev
 // open in that window scans twice and partitions flap. A read-only open and
 // close drains the pending scan state first (no IN_CLOSE_WRITE for udev).
@@ -193,7 +199,7 @@ func (d *Device) partitionsLocked() ([]Partition, error) {
 	if err := d.checkAlive(); err != nil {
 		return nil, err
 	}
-	return listPartitions(d.devnum)
+	return listPartitions(d.devnum, d.kernelName())
 }
 
 // AddPartition creates partition nr synchronously with BLKPG_ADD_PARTITION;
@@ -208,6 +214,7 @@ func (d *Device) AddPartition(nr int, start, length uint64) error {
 }
 
 func (d *Device) addPartitionLocked(nr int, start, length uint64) error {
+	d.unpartitioned = false // the teardown must look for partitions now
 	p := unix.BlkpgPartition{Pno: int32(nr), Start: int64(start), Length: int64(length)}
 	if err := blkpg(d.file, unix.BLKPG_ADD_PARTITION, &p); err != nil && err != unix.EBUSY {
 		return fmt.Errorf("BLKPG_ADD_PARTITION %s p%d: %w", d.path, nr, err)
@@ -215,7 +222,7 @@ func (d *Device) addPartitionLocked(nr int, start, length uint64) error {
 	return nil
 }
 
-// OpenPartition opens partition nr with the identity checks of spec 7.1: the
+// OpenPartition opens partition nr with the identity checks of openVerified: the
 // node must be a block device whose sysfs parent is our disk, and the
 // diskseq (shared with the disk) must be ours. flags are added to
 // O_CLOEXEC|O_NONBLOCK|O_NOCTTY (e.g. unix.O_RDONLY).
@@ -257,3 +264,31 @@ func (d *Device) checkAlive() error {
 	}
 	return nil
 }
+
+// kernelName is loopN for a loop device, "" when unknown.
+func (d *Device) kernelName() string {
+	if d.nr < 0 {
+		return ""
+	}
+	return "loop" + strconv.Itoa(d.nr)
+}
+
+// mayHavePartitions tells the teardown whether to look for partitions. A
+// binding that never had partscan and got no BLKPG partition from us has
+// none when the loop module's max_part is 0: the kernel then marks the disk
+// GENHD_FL_NO_PART, which refuses partitions. Skipping the listing saves
+// five syscalls of every teardown.
+func (d *Device) mayHavePartitions() bool {
+	return !d.unpartitioned || loopMaxPart() != 0
+}
+
+// loopMaxPart is the loop module's max_part parameter, read once: it is
+// fixed while the module is loaded. An unreadable value counts as "may
+// have partitions".
+var loopMaxPart = sync.OnceValue(func() uint64 {
+	v, err := readAttrUint("/sys/module/loop/parameters/max_part")
+	if err != nil {
+		return 1
+	}
+	return v
+})

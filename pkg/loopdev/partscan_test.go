@@ -136,7 +136,7 @@ var fivePartitions = []gptPart{
 	{Type: gptTypeHome, Name: "home", Start: 264192, Len: 65536},
 }
 
-// addPartitions creates the table's partitions synchronously (spec 7.4);
+// addPartitions creates the table's partitions synchronously;
 // the kernel's own scan, when it has a GPT parser, makes this a no-op (EBUSY).
 func addPartitions(d *Device, parts []gptPart) error {
 	for i, p := range parts {
@@ -244,7 +244,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 	}
 	pf.Close()
 	rec1 := d1.Record()
-	if err := d1.Detach(bg); err != nil {
+	if err := detachWait(d1); err != nil {
 		t.Fatal(err)
 	}
 	// Reattach until the same number comes back (get-free prefers it).
@@ -370,7 +370,7 @@ func TestR11_AttachmentIdentity(t *testing.T) {
 		if err := Verify(rec); err != nil {
 			t.Errorf("Verify of a live record without diskseq: %v", err)
 		}
-		if err := d.Detach(bg); err != nil {
+		if err := detachWait(d); err != nil {
 			t.Fatal(err)
 		}
 	})

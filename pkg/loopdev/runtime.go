@@ -187,7 +187,7 @@ func (d *Device) Flock(ctx context.Context, state LockState, nonBlocking bool) e
 }
 
 // resizePartition refreshes the size of a foreign handle that wraps a
-// partition (spec 9.2): BLKPG_RESIZE_PARTITION on the parent disk. The kernel
+// partition: BLKPG_RESIZE_PARTITION on the parent disk. The kernel
 // cannot move a partition's start; asking for another offset gives EINVAL.
 func (d *Device) resizePartition(offset, size uint64) (bool, error) {
 	dir := d.devnum.SysfsDir()

@@ -171,7 +171,7 @@ func TestR18_RuntimeAPI(t *testing.T) {
 			t.Fatalf("RefreshSize on partition %s changed the parent disk's offset/sizelimit", p)
 		}
 		if err != nil || !c {
-			t.Errorf("RefreshSize on a foreign partition: changed=%v %v, want a BLKPG resize (spec 9.2)", c, err)
+			t.Errorf("RefreshSize on a foreign partition: changed=%v %v, want a BLKPG resize", c, err)
 		} else if got := sysRead(sys); got != "8192" {
 			t.Errorf("partition size %s sectors after resize to 4 MiB", got)
 		}

@@ -1,6 +1,6 @@
 package loopdev
 
-// R12: the block-device shortcut, with the cases of spec 10.2.
+// R12: the block-device shortcut: when it applies and when not.
 
 import (
 	"os"
@@ -62,7 +62,7 @@ func runShortcutCases(t *testing.T, backing *Device, cases []shortcutCase) {
 			if d.Owned() {
 				t.Error("shortcut wrapper claims ownership")
 			}
-			if err := d.Detach(bg); err != nil {
+			if err := detachWait(d); err != nil {
 				t.Errorf("Detach of a wrapper (= Close): %v", err)
 			}
 			if err := Verify(before); err != nil {
@@ -181,10 +181,10 @@ func TestR12_BlockDeviceShortcut(t *testing.T) {
 					t.Errorf("Open(%s) reports loop number %d, want -1 (foreign)", p, o.Nr())
 				}
 				o.Close()
-				if err := w.Detach(bg); err != nil {
+				if err := detachWait(w); err != nil {
 					t.Error(err)
 				}
-				if err := d.Detach(bg); err != nil {
+				if err := detachWait(d); err != nil {
 					t.Error(err)
 				}
 			})

@@ -17,39 +17,30 @@ const maxAttr = 8192
 // newline: a backing file name may legitimately end in spaces.
 //
 // Raw syscalls, not os.Open: attach and detach read several attributes, and
-// *os.File's poller registration and finalizer cost more than the read.
+// *os.File's poller registration and finalizer cost more than the read. One
+// read: sysfs renders the whole attribute (at most a page) on the first
+// read of an open file, so a buffer larger than maxAttr needs no second
+// read to find EOF.
 func readAttr(path string) (string, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
 		return "", &os.PathError{Op: "open", Path: path, Err: err}
 	}
 	defer unix.Close(fd)
-	var small [128]byte
-	buf := small[:]
-	n := 0
+	var buf [maxAttr + 1]byte
 	for {
-		if n == len(buf) {
-			if len(buf) > maxAttr {
-				return "", fmt.Errorf("read %s: attribute longer than %d bytes: %w", path, maxAttr, ErrInvalidArgument)
-			}
-			buf = append(buf, make([]byte, len(buf))...)
-		}
-		m, err := unix.Read(fd, buf[n:])
+		n, err := unix.Read(fd, buf[:])
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
 			return "", &os.PathError{Op: "read", Path: path, Err: err}
 		}
-		if m == 0 {
-			break
+		if n > maxAttr {
+			return "", fmt.Errorf("read %s: attribute longer than %d bytes: %w", path, maxAttr, ErrInvalidArgument)
 		}
-		n += m
+		return parseAttr(buf[:n]), nil
 	}
-	if n > maxAttr {
-		return "", fmt.Errorf("read %s: attribute longer than %d bytes: %w", path, maxAttr, ErrInvalidArgument)
-	}
-	return parseAttr(buf[:n]), nil
 }
 
 // parseAttr strips exactly one trailing newline.

@@ -10,7 +10,7 @@ import (
 )
 
 // AddPartitions parses the device's own partition table and creates every
-// partition synchronously with BLKPG_ADD_PARTITION (spec 7.4): no uevent
+// partition synchronously with BLKPG_ADD_PARTITION: no uevent
 // wait, and it works on kernels without partition parsers. Partitions the
 // kernel's scan already created (EBUSY) are fine. It returns the partitions
 // as sysfs shows them afterwards.

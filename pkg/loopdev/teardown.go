@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"time"
 
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -122,8 +122,10 @@ func (d *Device) teardownLocked(ctx context.Context) error {
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
 		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
-	if _, err := deletePartitions(f, d.devnum); err != nil && !errors.Is(err, unix.ENODEV) {
-		errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+	if d.mayHavePartitions() {
+		if _, err := deletePartitions(f, d.devnum, d.kernelName()); err != nil && !errors.Is(err, unix.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete partitions: %w", err))
+		}
 	}
 	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && err != unix.ENXIO {
 		errs = append(errs, fmt.Errorf("LOOP_CLR_FD: %w", err))
@@ -197,12 +199,8 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 		if i >= 39 {
 			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ErrRemoveBusy)
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, ctx.Err())
-		case <-t.C:
+		if err := sleepCtx(ctx, delay); err != nil {
+			return fmt.Errorf("LOOP_CTL_REMOVE loop%d: %w", nr, err)
 		}
 		if i%5 == 0 {
 			delay *= 2
@@ -210,7 +208,8 @@ func removeDevice(ctx context.Context, nr int, devnum Devnum) error {
 	}
 }
 
-// Close releases the handle without detaching (spec 8.2): fsync, close every
+// Close releases the handle without detaching: flush (fsync unless nothing
+// was written), close every
 // fd. With AUTOCLEAR set and no other opener the kernel unbinds now; with a
 // mount it unbinds at unmount; a kept device stays bound.
 func (d *Device) Close() error {
@@ -225,8 +224,11 @@ func (d *Device) Close() error {
 func (d *Device) closeLocked() error {
 	d.closed = true
 	var errs []error
-	if err := d.file.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		errs = append(errs, fmt.Errorf("fsync %s: %w", d.path, err))
+	// flush skips the fsync (a disk cache flush of the backing, most of an
+	// unwritten device's close) when the I/O counters show no write since
+	// the attach.
+	if err := d.flush(); err != nil && !errors.Is(err, unix.EINVAL) {
+		errs = append(errs, err)
 	}
 	if d.lock != nil {
 		d.lock.Close()
@@ -243,10 +245,8 @@ func (d *Device) closeLocked() error {
 // until d's attachment is unbound, after a deferred detach.
 func (d *Device) awaitUnbind(ctx context.Context) error {
 	for d.stillBound() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, ctx.Err()))
-		case <-time.After(5 * time.Millisecond):
+		if err := sleepCtx(ctx, 5*time.Millisecond); err != nil {
+			return fmt.Errorf("detach %s: still held by %v: %w", d.path, holders(d.devnum), errors.Join(ErrDetachDeferred, err))
 		}
 	}
 	return nil
@@ -260,11 +260,10 @@ func holders(devnum Devnum) []string {
 			out = append(out, e.Name())
 		}
 	}
-	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 4 && f[2] == devnum.String() {
-				out = append(out, "mount "+f[4])
+	if ms, err := mountinfo.Self(); err == nil {
+		for _, m := range ms {
+			if m.Devnum == devnum.String() {
+				out = append(out, "mount "+m.MountPoint)
 			}
 		}
 	}

@@ -70,7 +70,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec, nr := d.Record(), d.Nr()
-	if err := d.Detach(bg); err != nil {
+	if err := detachWait(d); err != nil {
 		t.Fatal(err)
 	}
 	if p := sysPartitions(nr); len(p) != 0 && sysDiskseq(nr) == rec.DiskSeq {
@@ -100,7 +100,7 @@ func TestR15_TeardownOrdering(t *testing.T) {
 	t.Run("remove-device", func(t *testing.T) {
 		d := attachT(t, newImage(t, dir, "rm.img", 8<<20), Options{RemoveDevice: true})
 		rec, nr := d.Record(), d.Nr()
-		if err := d.Detach(bg); err != nil {
+		if err := detachWait(d); err != nil {
 			t.Fatal(err)
 		}
 		// Gone, unless another allocator already created the number again
@@ -245,7 +245,7 @@ func TestR16_Ownership(t *testing.T) {
 		if err := o.Unrelinquish(); err != nil {
 			t.Fatal(err)
 		}
-		if err := o.Detach(bg); err != nil {
+		if err := detachWait(o); err != nil {
 			t.Fatal(err)
 		}
 		waitUnbound(t, rec, 5*time.Second)
@@ -285,7 +285,7 @@ func TestR16_Ownership(t *testing.T) {
 		}
 		if changed, _ := o.SetAutoclear(false); changed || sysAttr(d.Nr(), "loop/autoclear") != "1" {
 			_, _ = d.SetAutoclear(true)
-			t.Errorf("SetAutoclear on a not-owned opened handle changed the device (spec 9.3: no-op on foreign handles)")
+			t.Errorf("SetAutoclear on a not-owned opened handle changed the device (a no-op on handles not owned)")
 		}
 	})
 }
@@ -442,7 +442,7 @@ func TestDataSafety(t *testing.T) {
 				t.Fatal(err)
 			}
 			w.Close()
-			if err := d.Detach(bg); err != nil {
+			if err := detachWait(d); err != nil {
 				t.Fatal(err)
 			}
 			got := make([]byte, len(pat))

@@ -50,7 +50,7 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 		if err := d.checkAlive(); err != nil {
 			return false, err
 		}
-		parts, err := listPartitions(d.devnum)
+		parts, err := listPartitions(d.devnum, d.kernelName())
 		if err != nil {
 			return false, err
 		}
@@ -86,10 +86,8 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 			return err
 		}
 		if !polled {
-			select {
-			case <-ctx.Done():
-				return fmt.Errorf("wait for partitions of %s: %w", d.path, ctx.Err())
-			case <-time.After(10 * time.Millisecond):
+			if err := sleepCtx(ctx, 10*time.Millisecond); err != nil {
+				return fmt.Errorf("wait for partitions of %s: %w", d.path, err)
 			}
 		}
 	}
@@ -160,7 +158,7 @@ func (d *Device) judgeUevent(ev *uevent.Event) (ours bool, err error) {
 		}
 		return seq == d.diskseq, nil
 	}
-	// Kernels without diskseq: the uevent seqnum fence (spec 7.2).
+	// Kernels without diskseq: the uevent seqnum fence read before the attach.
 	seq, err := strconv.ParseUint(ev.Env["SEQNUM"], 10, 64)
 	return err == nil && seq > d.fences.SeqnumNotBefore, nil
 }

@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/ext4"
 )
 
 // Layer backings: how an erofs layer image is mounted.
@@ -59,6 +61,26 @@ func probeFileBacked(ctx context.Context, dir string) (bool, error) {
 	return true, unmountPath(mnt)
 }
 
+// probeDirectIO reports whether file-backed erofs takes the directio
+// option (kernels after 6.12): the image is then read with O_DIRECT, so a
+// layer's pages are cached once, by erofs, rather than also by the
+// backing file.
+func probeDirectIO(ctx context.Context, dir string) bool {
+	tmp, err := os.MkdirTemp(dir, "probe-")
+	if err != nil {
+		return false
+	}
+	defer os.RemoveAll(tmp)
+	src, img, mnt := filepath.Join(tmp, "src"), filepath.Join(tmp, "img"), filepath.Join(tmp, "m")
+	if os.Mkdir(src, 0o700) != nil || os.Mkdir(mnt, 0o700) != nil || run(ctx, "mkfs.erofs", "--quiet", img, src) != nil {
+		return false
+	}
+	if err := unix.Mount(img, mnt, "erofs", unix.MS_RDONLY, "directio"); err != nil {
+		return false
+	}
+	return unmountPath(mnt) == nil
+}
+
 // ensureLayer mounts layer id read-only on l/<id> unless it already is.
 func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 	k := devKey{id, roleLayer}
@@ -85,7 +107,11 @@ func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 		}
 		src = rec.Path
 	}
-	if err := unix.Mount(src, dir, "erofs", unix.MS_RDONLY, ""); err != nil {
+	data := ""
+	if s.backing == backingFile {
+		data = s.layerMountData
+	}
+	if err := unix.Mount(src, dir, "erofs", unix.MS_RDONLY, data); err != nil {
 		err = fmt.Errorf("mount layer %s on %s: %w", src, dir, err)
 		if s.backing == backingLoop {
 			err = errors.Join(err, s.devs.detachImage(ctx, img, k))
@@ -99,21 +125,25 @@ func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 // ensureUpper attaches the snapshot's ext4 image read-write and mounts it
 // on u/<id>/m unless it already is. The caller holds the upper's lock.
 func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths) error {
-	if mounted, err := mountinfo.Mounted(up.mnt); err != nil {
-		return err
-	} else if mounted {
-		return nil
-	}
-	k := devKey{id, roleUpper}
-	rec, err := s.devs.ensureLocked(ctx, k, up.image)
+	mounted, err := mountinfo.Mounted(up.mnt)
 	if err != nil {
 		return err
 	}
-	m := mount.Mount{Type: "ext4", Source: rec.Path, Options: append([]string{"rw"}, s.cfg.MountOptions...)}
-	if err := m.Mount(up.mnt); err != nil {
-		return errors.Join(fmt.Errorf("mount upper %s on %s: %w", rec.Path, up.mnt, err), s.devs.detachImage(ctx, up.image, k))
+	if !mounted {
+		k := devKey{id, roleUpper}
+		rec, err := s.devs.ensureLocked(ctx, k, up.image)
+		if err != nil {
+			return err
+		}
+		m := mount.Mount{Type: "ext4", Source: rec.Path, Options: append([]string{"rw"}, s.cfg.MountOptions...)}
+		if err := m.Mount(up.mnt); err != nil {
+			return errors.Join(fmt.Errorf("mount upper %s on %s: %w", rec.Path, up.mnt, err), s.devs.detachImage(ctx, up.image, k))
+		}
+		log.G(ctx).WithFields(log.Fields{"id": id, "device": rec.Path, "diskseq": rec.DiskSeq}).Debug("mounted upper")
+		s.fault("prepare-upper-mounted")
 	}
-	s.fault("prepare-upper-mounted")
+	// Also when already mounted: a crash may have come between the mount
+	// and these.
 	for _, d := range []string{up.upper, up.work} {
 		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return err
@@ -121,11 +151,7 @@ func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths)
 	}
 	// The upper is the container's root directory where there is no
 	// parent: 0755 whatever the umask.
-	if err := os.Chmod(up.upper, 0o755); err != nil {
-		return err
-	}
-	log.G(ctx).WithFields(log.Fields{"id": id, "device": rec.Path, "diskseq": rec.DiskSeq}).Debug("mounted upper")
-	return nil
+	return os.Chmod(up.upper, 0o755)
 }
 
 // buildFrozen builds the layer from an upper on its ext4 image while that
@@ -158,21 +184,17 @@ func (s *Snapshotter) buildFrozen(ctx context.Context, up upperPaths, dst string
 var ErrUpperErrors = errors.New("upper filesystem has recorded errors")
 
 // upperErrors refuses an ext4 image whose superblock records errors
-// (s_state's error bit, s_error_count).
+// (s_state's error bit, s_error_count), as flat mode's Commit does
+// (checkFilesystem): the kernel sets them when a write of the filesystem
+// failed. The upper is mounted, so this is the check that applies; the
+// image is kept for inspection.
 func upperErrors(image string) error {
-	f, err := os.Open(image)
+	sb, err := ext4.ReadFile(image)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	buf := make([]byte, 1024)
-	if _, err := f.ReadAt(buf, sbOffset); err != nil {
-		return fmt.Errorf("read superblock of %s: %w", image, err)
-	}
-	le := binary.LittleEndian
-	const ext4ErrorFS = 0x2
-	if le.Uint16(buf[0x3a:])&ext4ErrorFS != 0 || le.Uint32(buf[0x194:]) != 0 {
-		return fmt.Errorf("%s (kept for inspection): %w: %w", image, ErrUpperErrors, errdefs.ErrFailedPrecondition)
+	if sb.HasErrors() {
+		return fmt.Errorf("%s (kept for inspection): %w: %w", image, ErrUpperErrors, errdefs.ErrDataLoss)
 	}
 	return nil
 }
@@ -308,15 +330,19 @@ func unmountPath(p string) error {
 // startup.
 func (s *Snapshotter) layerBacking(ctx context.Context) (string, error) {
 	switch s.cfg.LayerBacking {
-	case backingLoop, backingFile:
-		return s.cfg.LayerBacking, nil
+	case backingLoop:
+		return backingLoop, nil
+	case "auto":
+		ok, err := probeFileBacked(ctx, filepath.Join(s.root, "staging"))
+		if err != nil {
+			return "", fmt.Errorf("probe file-backed erofs: %w", err)
+		}
+		if !ok {
+			return backingLoop, nil
+		}
 	}
-	ok, err := probeFileBacked(ctx, filepath.Join(s.root, "staging"))
-	if err != nil {
-		return "", fmt.Errorf("probe file-backed erofs: %w", err)
+	if probeDirectIO(ctx, filepath.Join(s.root, "staging")) {
+		s.layerMountData = "directio"
 	}
-	if ok {
-		return backingFile, nil
-	}
-	return backingLoop, nil
+	return backingFile, nil
 }

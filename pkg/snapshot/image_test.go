@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/ext4"
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
@@ -29,17 +30,17 @@ func TestTemplate(t *testing.T) {
 	if alloc > 20<<20 {
 		t.Errorf("empty 1 GiB template allocates %d bytes, want < 20 MiB", alloc)
 	}
-	sb, err := readSuperblock(p)
+	sb, err := ext4.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if bs := 1024 << sb.logBlockSize; bs != blockSize {
+	if bs := 1024 << sb.LogBlockSize; bs != blockSize {
 		t.Errorf("block size %d, want %d", bs, blockSize)
 	}
-	if sb.blocksCount*blockSize != 1<<30 {
-		t.Errorf("filesystem has %d blocks, want %d", sb.blocksCount, (1<<30)/blockSize)
+	if sb.BlocksCount*blockSize != 1<<30 {
+		t.Errorf("filesystem has %d blocks, want %d", sb.BlocksCount, (1<<30)/blockSize)
 	}
-	if sb.incompat&incompatRecover != 0 {
+	if sb.NeedsRecovery() {
 		t.Error("fresh template needs recovery")
 	}
 	if err := run(context.Background(), "e2fsck", "-n", p); err != nil {
@@ -134,12 +135,12 @@ func TestGrowMountedImage(t *testing.T) {
 	if err := growImage(ctx, p, 256<<20); err != nil {
 		t.Fatal(err)
 	}
-	sb, err := readSuperblock(p)
+	sb, err := ext4.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if sb.blocksCount*blockSize != 256<<20 {
-		t.Errorf("grown filesystem has %d blocks", sb.blocksCount)
+	if sb.BlocksCount*blockSize != 256<<20 {
+		t.Errorf("grown filesystem has %d blocks", sb.BlocksCount)
 	}
 	out, err := exec.Command("debugfs", "-R", "ls -l /", p).Output()
 	if err != nil {

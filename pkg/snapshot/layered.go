@@ -28,7 +28,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -88,8 +87,8 @@ func makeUpperTemplate(ctx context.Context, path string, size int64) error {
 	if err := createSized(path, size); err != nil {
 		return err
 	}
-	if err := run(ctx, "mkfs.ext4", "-q", "-F", "-t", "ext4", "-b", strconv.Itoa(blockSize), "-m", "0",
-		"-J", "size=16", "-O", upperFeatures, "-E", "root_owner=0:0,lazy_journal_init=1", path); err != nil {
+	args := append([]string{"-q", "-F", "-t", "ext4"}, mkfsOptions(size, upperFeatures)...)
+	if err := run(ctx, "mkfs.ext4", append(args, path)...); err != nil {
 		return err
 	}
 	return syncPath(path)
@@ -106,10 +105,7 @@ func (s *Snapshotter) lcreate(ctx context.Context, kind snapshots.Kind, key, par
 	withImage := kind == snapshots.KindActive && !strings.HasPrefix(key, unpackPrefix)
 	var size int64
 	if withImage {
-		var err error
-		if size, err = s.targetSize(base.Labels); err != nil {
-			return nil, err
-		}
+		size = s.targetSize(ctx, key, base.Labels)
 	}
 	parentID, err := s.checkNew(ctx, key, parent)
 	if err != nil {
@@ -354,7 +350,10 @@ func (s *Snapshotter) lcommit(ctx context.Context, name, key string, opts []snap
 	if err := os.Rename(tmp, s.layerImage(id)); err != nil {
 		return fmt.Errorf("rename layer into place: %w", err)
 	}
-	syncDir(filepath.Join(s.root, "layers"))
+	// The rename, before the record that names the layer.
+	if err := syncDir(filepath.Join(s.root, "layers")); err != nil {
+		return err
+	}
 	s.fault("commit-synced")
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
@@ -365,6 +364,11 @@ func (s *Snapshotter) lcommit(ctx context.Context, name, key string, opts []snap
 	}
 	s.fault("commit-recorded")
 	s.releaseUpperLocked(ctx, id, key)
+	// containerd runs no garbage collection after an unpack: delete the
+	// upper now rather than at the next Cleanup, or disk use after unpack
+	// would be the layers twice. (A running container's image file stays
+	// allocated until its last close, as any unlinked open file.)
+	s.emptyTrash(ctx, id)
 	s.fault("commit-done")
 	return nil
 }
@@ -427,6 +431,22 @@ func (s *Snapshotter) releaseUpperLocked(ctx context.Context, id, key string) {
 	}
 	if err := s.toTrash(s.upperRoot(id), id); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).WithFields(fields).Warn("move upper to trash")
+	}
+}
+
+// emptyTrash deletes the trash entries of snapshot id.
+func (s *Snapshotter) emptyTrash(ctx context.Context, id string) {
+	dir := filepath.Join(s.root, "trash")
+	es, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range es {
+		if strings.HasPrefix(e.Name(), id+"-") {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				log.G(ctx).WithError(err).WithField("id", id).Warn("delete committed upper")
+			}
+		}
 	}
 }
 

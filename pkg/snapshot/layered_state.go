@@ -185,16 +185,34 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 			}
 		}
 	}
+	// Read once; only what looks orphaned is checked again under its lock,
+	// so a sweep costs one scan of the metadata, not one per candidate.
+	recs0, err := s.lrecords(ctx)
+	if err != nil {
+		return err
+	}
+	keep := func(r lrecords, k devKey) bool {
+		return k.role == roleLayer && r.kind[k.id] == snapshots.KindCommitted || k.role == roleUpper && r.owner[k.id]
+	}
 	for _, c := range cands {
-		unlock := s.devs.lock(c.k)
+		if keep(recs0, c.k) {
+			continue
+		}
+		// A layer image is written by its snapshot's Commit, which holds
+		// the upper's lock: take it first (the order Mounts takes them in).
+		unlockUpper := func() {}
+		if c.k.role == roleLayer {
+			unlockUpper = s.devs.lock(devKey{c.k.id, roleUpper})
+		}
+		unlockKey := s.devs.lock(c.k)
+		unlock := func() { unlockKey(); unlockUpper() }
 		recs, err := s.lrecords(ctx)
 		if err != nil {
 			unlock()
 			return err
 		}
 		switch {
-		case c.k.role == roleLayer && recs.kind[c.k.id] == snapshots.KindCommitted,
-			c.k.role == roleUpper && recs.owner[c.k.id]:
+		case keep(recs, c.k):
 		case c.path != "":
 			log.G(ctx).WithFields(log.Fields{"path": c.path, "id": c.k.id}).Info("unmounting orphan mount")
 			if err := unmountPath(c.path); err != nil {
@@ -202,9 +220,9 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 			}
 		case c.k.role == roleUpper:
 			s.releaseUpperLocked(ctx, c.k.id, "")
-		case c.k.role == roleLayer && recs.key[c.k.id] == "":
-			// An image whose record is still active is a Commit that
-			// crashed before recording; its retry replaces the image.
+		case c.k.role == roleLayer:
+			// No record, or a still active one: a Commit that crashed
+			// before recording (its retry builds the image again).
 			unmountPath(s.layerDir(c.k.id))
 			os.Remove(s.layerDir(c.k.id))
 			if err := s.devs.detachImage(ctx, s.layerImage(c.k.id), c.k); err != nil {
@@ -222,6 +240,9 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 		return errors.Join(append(errs, err)...)
 	}
 	for _, d := range own {
+		if d.key.id != "" && recs0.needed(d.key) && !d.info.Autoclear {
+			continue
+		}
 		if d.key.id != "" {
 			unlock := s.devs.lock(d.key)
 			recs, err := s.lrecords(ctx)
@@ -325,7 +346,7 @@ func (s *Snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usag
 			Inodes: int64(st.Files - st.Ffree),
 		}, nil
 	}
-	return imageUsage(up.image, "")
+	return imageUsage(up.image, "", "")
 }
 
 // lstatus is Status in layered mode.
@@ -349,6 +370,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		}
 	}
 	st := s.statusHead()
+	st.devices = len(own)
 	for _, e := range entries {
 		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		k := devKey{e.id, roleLayer}
@@ -372,7 +394,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	for _, d := range own {
-		if d.key.id != "" && recs.needed(d.key) {
+		if (d.key.id != "" && recs.needed(d.key)) || d.detachPending() {
 			continue
 		}
 		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})

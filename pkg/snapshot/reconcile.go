@@ -22,29 +22,40 @@ type ownDevice struct {
 	gone  bool   // backing file deleted
 }
 
+// detachPending reports a device already cleared (ours never have
+// autoclear set otherwise: they are attached to outlive the process) that
+// unbinds at its last close: not an orphan, nothing left to detach. sysfs
+// lists it until then, an open would fail.
+func (d ownDevice) detachPending() bool { return d.info.Autoclear }
+
 // ownDevices lists the loop devices backed by files under root. sysfs
 // backing_file is the path at attach time as renamed since; the device is
-// ours only if that path is under root.
+// ours only if that path is under root. loopdev.List reads sysfs only:
+// status and metrics scrapes open no device (an open of another owner's
+// device would turn its detach lazy).
 func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
-	infos, err := loopdev.List(nil)
+	under := func(p string) (string, bool) {
+		rel, err := filepath.Rel(s.root, p)
+		return rel, err == nil && rel != "." && !strings.HasPrefix(rel, "..")
+	}
+	infos, err := loopdev.List(func(i loopdev.Info) (skip, stop bool) {
+		_, ok := under(i.BackingFile)
+		return !ok, false
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)
 	}
-	var out []ownDevice
+	out := make([]ownDevice, 0, len(infos))
 	for _, info := range infos {
-		p, deleted := info.BackingFile, info.Deleted
-		rel, err := filepath.Rel(s.root, p)
-		if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
-			continue
-		}
-		d := ownDevice{info: info, image: p, gone: deleted}
-		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "image" && !deleted {
+		rel, _ := under(info.BackingFile)
+		d := ownDevice{info: info, image: info.BackingFile, gone: info.Deleted}
+		if parts := strings.Split(rel, "/"); len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "image" && !info.Deleted {
 			r := roleRW
 			if info.ReadOnly {
 				r = roleRO
 			}
 			d.key = devKey{parts[1], r}
-		} else if !deleted && s.layered() {
+		} else if !info.Deleted && s.layered() {
 			d.key = layeredKey(rel, info.ReadOnly)
 		}
 		out = append(out, d)
@@ -90,7 +101,7 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 			}
 			adopted[d.key] = true
 			s.devs.remember(d.key, rec)
-			log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.image}).Info("adopted device")
+			log.G(ctx).WithFields(deviceFields(d.info.Record(), d.image)).Info("adopted device")
 			continue
 		}
 		// Not needed, or a second binding of a needed image: nothing is
@@ -147,6 +158,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			}
 		}
 	}
+	errs = append(errs, s.pruneTemplates())
 	s.cleanupMu.Unlock()
 
 	own, err := s.ownDevices()
@@ -154,7 +166,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	for _, d := range own {
-		if d.key.id != "" && needed[d.key] {
+		if (d.key.id != "" && needed[d.key]) || d.detachPending() {
 			continue
 		}
 		if err := s.detachOrphan(ctx, d); err != nil {
@@ -165,6 +177,34 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	entries, _ = os.ReadDir(filepath.Join(s.root, "trash"))
 	for _, e := range entries {
 		if err := os.RemoveAll(filepath.Join(s.root, "trash", e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pruneTemplates removes the empty-image templates (flat images, layered
+// uppers) of sizes other than default_size: there is one per distinct size
+// a Prepare asked for. The caller holds cleanupMu, so no clone reads a template meanwhile;
+// the default_size one keeps the next plain Prepare from running mkfs.
+func (s *Snapshotter) pruneTemplates() error {
+	s.tmplMu.Lock()
+	defer s.tmplMu.Unlock()
+	dir := filepath.Join(s.root, "templates")
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	keep := map[string]bool{}
+	for _, prefix := range []string{"ext4-", "upper-"} {
+		keep[filepath.Base(s.templatePath(prefix, int64(s.cfg.DefaultSize)))] = true
+	}
+	var errs []error
+	for _, e := range entries {
+		if keep[e.Name()] {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}
@@ -190,7 +230,7 @@ func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
 }
 
 func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error {
-	log.G(ctx).WithFields(log.Fields{"device": d.info.Path, "diskseq": d.info.DiskSeq, "backing_file": d.info.BackingFile}).Info("detaching orphan device")
+	log.G(ctx).WithFields(deviceFields(d.info.Record(), d.info.BackingFile)).Info("detaching orphan device")
 	if err := s.devs.detachRecord(ctx, d.info.Record(), d.image); err != nil {
 		return err
 	}
@@ -223,7 +263,7 @@ func (s *Snapshotter) Purge(ctx context.Context) error {
 		// device gone when Purge returns (or ctx ends).
 		err := loopdev.DetachRecord(ctx, d.info.Record(), loopdev.DetachOptions{Wait: true})
 		if err != nil && !errors.Is(err, loopdev.ErrGone) && !errors.Is(err, loopdev.ErrReused) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", d.info.Path, err))
+			errs = append(errs, err) // loopdev names the device
 		}
 	}
 	return errors.Join(errs...)

@@ -1,6 +1,6 @@
 // Package snapshot implements loop-snapshotter's flat mode: a containerd
 // snapshotter whose snapshots are ext4 image files, each attached to its own
-// loop device through pkg/loopdev (snapshotter spec §10).
+// loop device through pkg/loopdev.
 //
 // Layout under root:
 //
@@ -11,6 +11,8 @@
 //	snapshots/<id>/image one cumulative image per snapshot (id = MetaStore id)
 //	staging/new-*        images being cloned, not yet in the metadata
 //	trash/               removed images, deleted by Cleanup
+//	damaged/             removed images whose Commit found data loss, kept
+//	                     for inspection (never deleted by Cleanup)
 //
 // No clone, mkfs, resize2fs, e2fsck, fsync of an image or loopdev call runs
 // inside a metadata transaction; the lock order is device key, then
@@ -18,6 +20,7 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -49,7 +52,8 @@ var ErrRootInUse = errors.New("snapshotter root is in use by another instance")
 type Opt func(*Snapshotter)
 
 // WithFaultHook installs a test hook called at each named step of Prepare,
-// Commit and Remove (crash-safety tests kill the process there).
+// Mounts, Commit and Remove (crash-safety tests kill the process there;
+// race tests run another call there).
 func WithFaultHook(fn func(step string)) Opt {
 	return func(s *Snapshotter) { s.fault = fn }
 }
@@ -61,21 +65,27 @@ type Snapshotter struct {
 	cfg     config.Snapshotter
 	mode    string // resolved storage mode of this root
 	backing string // layered mode: how layers are mounted, backingFile or backingLoop
-	ms      *storage.MetaStore
-	lock    *os.File
-	devs    *devices
+	// layerMountData is the erofs mount data of file-backed layers.
+	layerMountData string
+	ms             *storage.MetaStore
+	lock           *os.File
+	devs           *devices
 
 	// cleanupMu keeps Cleanup's scan of snapshots/ and staging/ away from a
 	// Prepare between its staging clone and its committed rename.
 	cleanupMu sync.RWMutex
 	tmplMu    sync.Mutex
 
+	// damaged records, per snapshot id, why Commit refused its image,
+	// for when the marker file could not be written (a full disk).
+	damagedMu sync.Mutex
+	damaged   map[string]string
+
 	closeOnce sync.Once
 	closeErr  error
 	fault     func(step string)
 
-	m   metrics
-	rpc rpcStats
+	m metrics
 }
 
 var (
@@ -93,7 +103,7 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	if err != nil {
 		return nil, err
 	}
-	s := &Snapshotter{root: root, cfg: cfg, fault: func(string) {}}
+	s := &Snapshotter{root: root, cfg: cfg, fault: func(string) {}, damaged: map[string]string{}}
 	for _, o := range opts {
 		o(s)
 	}
@@ -127,7 +137,7 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	if err := s.checkMode(); err != nil {
 		return nil, err
 	}
-	dirs := []string{"templates", "snapshots", "staging", "trash"}
+	dirs := []string{"templates", "snapshots", "staging", "trash", "damaged"}
 	if s.layered() {
 		dirs = layeredDirs
 	}
@@ -173,10 +183,16 @@ func (s *Snapshotter) lockRoot() error {
 // checkMode resolves the storage mode: the one recorded in the root, else
 // the configured one (layered when unset) for a new root, which it records.
 // A root made in another mode than the configured one is refused: the two
-// layouts share no file.
+// layouts share no file. A mode file left empty (a crash on first start by
+// an older version) in a root that has no metadata yet is a first start.
 func (s *Snapshotter) checkMode() error {
 	p := filepath.Join(s.root, "mode")
 	b, err := os.ReadFile(p)
+	if err == nil && len(bytes.TrimSpace(b)) == 0 {
+		if _, serr := os.Stat(filepath.Join(s.root, "metadata.db")); errors.Is(serr, os.ErrNotExist) {
+			err = os.ErrNotExist
+		}
+	}
 	if errors.Is(err, os.ErrNotExist) {
 		s.mode = s.cfg.Mode
 		if s.mode == "" {
@@ -199,8 +215,9 @@ func (s *Snapshotter) checkMode() error {
 	return nil
 }
 
-// writeModeFile writes the mode file durably: an empty mode file after a
-// crash on first start would make the next start refuse the root.
+// writeModeFile writes the mode file durably (temporary file, fsync,
+// rename, fsync of root): an empty mode file after a crash on first start
+// would make the next start refuse the root.
 func writeModeFile(p, mode string) error {
 	tmp := p + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -217,11 +234,13 @@ func writeModeFile(p, mode string) error {
 	if err == nil {
 		err = os.Rename(tmp, p)
 	}
+	if err == nil {
+		err = syncDir(filepath.Dir(p))
+	}
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("record mode: %w", err)
 	}
-	syncDir(filepath.Dir(p))
 	return nil
 }
 
@@ -259,9 +278,9 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 	})
 }
 
-// Usage reports the bytes a snapshot allocates on top of its parent: for
-// an active snapshot two stats (image and parent image), for a committed
-// one the value stored at Commit.
+// Usage reports what a snapshot uses (see imageUsage): measured now for an
+// active snapshot, the value stored at Commit for a committed one, nothing
+// for a view of a parent (it shares the parent's image).
 func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
 	if s.layered() {
 		return s.lusage(ctx, key)
@@ -285,9 +304,17 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Us
 		return usage, nil
 	}
 	if info.Kind == snapshots.KindView && info.Parent != "" {
-		return snapshots.Usage{}, nil // a view shares its parent's image
+		return snapshots.Usage{}, nil
 	}
-	return imageUsage(s.imagePath(id), parentImage(s, parentID))
+	k := devKey{id, roleRW}
+	if info.Kind == snapshots.KindView {
+		k.role = roleRO
+	}
+	mnt := ""
+	if rec, ok := s.devs.cached(k); ok {
+		mnt = mountPoints()[rec.Devnum]
+	}
+	return imageUsage(s.imagePath(id), parentImage(s, parentID), mnt)
 }
 
 func parentImage(s *Snapshotter, parentID string) string {
@@ -295,30 +322,6 @@ func parentImage(s *Snapshotter, parentID string) string {
 		return ""
 	}
 	return s.imagePath(parentID)
-}
-
-// imageUsage is the allocated-bytes and used-inodes delta of image over
-// parent (floor 0).
-func imageUsage(image, parent string) (snapshots.Usage, error) {
-	size, err := allocated(image)
-	if err != nil {
-		return snapshots.Usage{}, err
-	}
-	var inodes int64
-	if sb, err := readSuperblock(image); err == nil {
-		inodes = int64(sb.inodesCount) - int64(sb.freeInodesCount)
-	}
-	if parent != "" {
-		psize, err := allocated(parent)
-		if err != nil {
-			return snapshots.Usage{}, err
-		}
-		size -= psize
-		if sb, err := readSuperblock(parent); err == nil {
-			inodes -= int64(sb.inodesCount) - int64(sb.freeInodesCount)
-		}
-	}
-	return snapshots.Usage{Size: max(size, 0), Inodes: max(inodes, 0)}, nil
 }
 
 // Prepare creates an active snapshot: a clone of the parent image (or of an
@@ -341,23 +344,30 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 }
 
 // targetSize resolves the filesystem size of a new snapshot from the
-// max-size label, else default_size (spec §10.4).
-func (s *Snapshotter) targetSize(labels map[string]string) (int64, error) {
+// max-size label, else default_size. The label is a hint, as for
+// containerd's erofs snapshotter: a value that is not a number, or is below
+// the minimum, falls back to default_size, and one above max_size is
+// capped, each with a warning; neither fails the Prepare.
+func (s *Snapshotter) targetSize(ctx context.Context, key string, labels map[string]string) int64 {
+	def := int64(s.cfg.DefaultSize)
 	v, ok := labels[LabelMaxSize]
 	if !ok {
-		return int64(s.cfg.DefaultSize), nil
+		return def
+	}
+	warn := func(msg string, size int64) int64 {
+		log.G(ctx).WithFields(log.Fields{"key": key, "label": LabelMaxSize, "value": v, "size": size}).Warn(msg)
+		return size
 	}
 	n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("label %s=%q: not a decimal number of bytes: %w", LabelMaxSize, v, errdefs.ErrInvalidArgument)
+	switch {
+	case err != nil:
+		return warn("size label is not a decimal number of bytes: using default_size", def)
+	case n < config.MinSnapshotSize:
+		return warn(fmt.Sprintf("size label is below the minimum %d: using default_size", config.MinSnapshotSize), def)
+	case n > int64(s.cfg.MaxSize):
+		n = warn("size label is above max_size: capped", int64(s.cfg.MaxSize))
 	}
-	if n < config.MinSnapshotSize {
-		return 0, fmt.Errorf("label %s=%d: below the minimum %d: %w", LabelMaxSize, n, config.MinSnapshotSize, errdefs.ErrInvalidArgument)
-	}
-	if n > int64(s.cfg.MaxSize) {
-		return 0, fmt.Errorf("label %s=%d: above max_size %d: %w", LabelMaxSize, n, int64(s.cfg.MaxSize), errdefs.ErrInvalidArgument)
-	}
-	return (n + blockSize - 1) / blockSize * blockSize, nil
+	return (n + blockSize - 1) / blockSize * blockSize
 }
 
 func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
@@ -367,10 +377,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
-	size, err := s.targetSize(base.Labels)
-	if err != nil {
-		return nil, err
-	}
+	size := s.targetSize(ctx, key, base.Labels)
 	// Cheap checks first, so a bad request clones nothing.
 	parentID, err := s.checkNew(ctx, key, parent)
 	if err != nil {
@@ -468,12 +475,21 @@ func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key,
 		if err := growImage(ctx, img, size); err != nil {
 			return storage.Snapshot{}, err
 		}
-		s.m.resizes.Add(1)
+		s.m.grows.Add(1)
 	} else if size < st.Size() {
 		if err := shrinkImage(ctx, img, size); err != nil {
 			return storage.Snapshot{}, err
 		}
-		s.m.resizes.Add(1)
+		s.m.shrinks.Add(1)
+	}
+	// The image (fsynced by the clone or resize) and its directory entries
+	// must be durable before the record naming them commits: btrfs, unlike
+	// ext4's data=ordered, gives no such ordering for free.
+	if err := syncDir(staging); err != nil {
+		return storage.Snapshot{}, err
+	}
+	if err := syncDir(filepath.Dir(staging)); err != nil {
+		return storage.Snapshot{}, err
 	}
 	s.fault("prepare-cloned")
 
@@ -495,7 +511,8 @@ func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key,
 			return fmt.Errorf("rename staging image: %w", err)
 		}
 		s.fault("prepare-renamed")
-		return nil
+		// The rename, before the record that names its target.
+		return syncDir(filepath.Join(s.root, "snapshots"))
 	})
 	if err != nil {
 		if sn.ID != "" {
@@ -507,7 +524,6 @@ func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key,
 		return storage.Snapshot{}, err
 	}
 	staging = ""
-	syncDir(filepath.Join(s.root, "snapshots"))
 	log.G(ctx).WithFields(log.Fields{"key": key, "id": sn.ID, "clone": string(method), "size": size}).Debug("created image")
 	s.fault("prepare-committed")
 	return sn, nil
@@ -554,7 +570,7 @@ func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) 
 
 // templateFile returns templates/<prefix><size>.img, made by mk on first use.
 func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int64, mk func(context.Context, string, int64) error) (string, error) {
-	p := filepath.Join(s.root, "templates", prefix+strconv.FormatInt(size, 10)+".img")
+	p := s.templatePath(prefix, size)
 	s.tmplMu.Lock()
 	defer s.tmplMu.Unlock()
 	if _, err := os.Stat(p); err == nil {
@@ -569,25 +585,41 @@ func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int6
 	if err := os.Rename(tmp, p); err != nil {
 		return "", err
 	}
+	if err := syncDir(filepath.Dir(p)); err != nil {
+		return "", err
+	}
 	return p, nil
 }
 
+func (s *Snapshotter) templatePath(prefix string, size int64) string {
+	return filepath.Join(s.root, "templates", prefix+strconv.FormatInt(size, 10)+".img")
+}
+
 // Mounts returns the mounts of an active snapshot or view, re-attaching its
-// device if it is gone (host reboot, detached by hand) or was reused.
+// device if it is gone (host reboot, detached by hand) or was reused. The
+// snapshot is read again under the device lock: a Commit that held the
+// lock meanwhile has made the image read-only and committed, and a
+// read-write device attached to it then would stay until Cleanup.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	if s.layered() {
 		return s.lmounts(ctx, key)
 	}
-	var sn storage.Snapshot
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
-		sn, err = storage.GetSnapshot(ctx, key)
-		return err
-	})
+	sn, err := s.getSnapshot(ctx, key)
 	if err != nil {
 		return nil, err
 	}
 	k := deviceFor(sn)
-	rec, err := s.devs.ensure(ctx, k, s.imagePath(k.id))
+	s.fault("mounts-read")
+	unlock := s.devs.lock(k)
+	defer unlock()
+	again, err := s.getSnapshot(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	if again.ID != sn.ID || deviceFor(again) != k {
+		return nil, fmt.Errorf("snapshot %q changed while its device was being looked up: %w", key, errdefs.ErrUnavailable)
+	}
+	rec, err := s.devs.ensureLocked(ctx, k, s.imagePath(k.id))
 	if err != nil {
 		return nil, err
 	}
@@ -607,7 +639,12 @@ func deviceFor(sn storage.Snapshot) devKey {
 }
 
 // Commit turns an unmounted active snapshot into a committed one: detach
-// its device, replay a dirty journal, fsync, make the image read-only.
+// its device, replay a dirty journal, refuse an image whose filesystem lost
+// data, make it read-only and durable, then record it.
+//
+// containerd 1.6 calls this inside its metadata write transaction, so it
+// waits for nothing slow: a device still mounted elsewhere is reported at
+// once (see detachUnmounted).
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	if s.layered() {
 		return s.lcommit(ctx, name, key, opts)
@@ -620,24 +657,40 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	k := devKey{id, roleRW}
 	unlock := s.devs.lock(k)
 	defer unlock()
+	if reason, ok := s.damagedReason(id, image); ok {
+		s.m.dataLossRefusals.Add(1)
+		return dataLossError(reason)
+	}
+	start := time.Now()
 	if err := s.devs.detachForCommit(ctx, k, image); err != nil {
+		if errors.Is(err, unix.EIO) {
+			// The device's flush before the clear failed: writes of the
+			// filesystem never reached the image.
+			return s.refuseDamaged(id, image, err)
+		}
 		return err
 	}
+	log.G(ctx).WithFields(log.Fields{"key": key, "step": "detach", "duration": time.Since(start)}).Debug("commit detached device")
 	s.fault("commit-detached")
-	if replayed, err := replayJournal(ctx, image); err != nil {
-		return err
-	} else if replayed {
+	replayed, err := checkFilesystem(ctx, image)
+	if replayed {
 		s.m.journalReplays.Add(1)
 		log.G(ctx).WithField("key", key).Info("replayed the journal of a dirty image at commit")
 	}
-	if err := syncPath(image); err != nil {
-		return err
-	}
-	usage, err := imageUsage(image, parentImage(s, parentID))
 	if err != nil {
+		return s.refuseDamaged(id, image, err)
+	}
+	// chmod before the fsync, which makes the mode durable with the data.
+	if err := os.Chmod(image, 0o444); err != nil {
 		return err
 	}
-	if err := os.Chmod(image, 0o444); err != nil {
+	if err := syncPath(image); err != nil {
+		// The kernel reports a writeback error to one fsync only: a retry
+		// would succeed on an image that lost the data.
+		return s.refuseDamaged(id, image, err)
+	}
+	usage, err := imageUsage(image, parentImage(s, parentID), "")
+	if err != nil {
 		return err
 	}
 	s.fault("commit-synced")
@@ -650,6 +703,45 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	}
 	s.fault("commit-done")
 	return nil
+}
+
+// refuseDamaged records that the image of snapshot id lost data and returns
+// the Commit error: errdefs.ErrDataLoss, naming the image kept for
+// inspection.
+func (s *Snapshotter) refuseDamaged(id, image string, cause error) error {
+	err := cause
+	if !errors.Is(cause, errdefs.ErrDataLoss) {
+		err = fmt.Errorf("%w: %w", cause, errdefs.ErrDataLoss)
+	}
+	if strings.Contains(err.Error(), image) {
+		err = fmt.Errorf("%w; image kept for inspection", err)
+	} else {
+		err = fmt.Errorf("%w; image %s kept for inspection", err, image)
+	}
+	s.m.dataLossRefusals.Add(1)
+	s.damagedMu.Lock()
+	s.damaged[id] = err.Error()
+	s.damagedMu.Unlock()
+	markDamaged(image, err)
+	return err
+}
+
+// dataLossError is the error of a Commit retried after one that found data
+// loss: the first one's text, matching errdefs.ErrDataLoss.
+type dataLossError string
+
+func (e dataLossError) Error() string        { return string(e) }
+func (e dataLossError) Is(target error) bool { return target == errdefs.ErrDataLoss }
+
+// damagedReason says why an earlier Commit refused the image, if it did.
+func (s *Snapshotter) damagedReason(id, image string) (string, bool) {
+	s.damagedMu.Lock()
+	r, ok := s.damaged[id]
+	s.damagedMu.Unlock()
+	if ok {
+		return r, true
+	}
+	return damagedReason(image)
 }
 
 // checkCommit verifies that key is active and name is free, and returns
@@ -723,6 +815,18 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		log.G(ctx).WithError(err).WithField("key", key).Warn("detach removed snapshot's device")
 	}
 	s.fault("remove-detached")
+	if _, damaged := s.damagedReason(id, image); damaged {
+		dst := filepath.Join(s.root, "damaged", id+"-"+strconv.FormatInt(time.Now().UnixNano(), 36))
+		if err := os.Rename(filepath.Dir(image), dst); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).Warn("move damaged image out of the way")
+		} else {
+			log.G(ctx).WithFields(log.Fields{"key": key, "path": dst}).Warn("removed snapshot whose commit found data loss: image kept for inspection")
+		}
+		s.damagedMu.Lock()
+		delete(s.damaged, id)
+		s.damagedMu.Unlock()
+		return nil
+	}
 	if err := s.toTrash(filepath.Dir(image), id); err != nil && !errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithError(err).WithField("key", key).Warn("move removed image to trash")
 	}
@@ -790,9 +894,5 @@ func (s *Snapshotter) Close() error {
 	return s.closeErr
 }
 
-func syncDir(dir string) {
-	if f, err := os.Open(dir); err == nil {
-		f.Sync()
-		f.Close()
-	}
-}
+// syncDir fsyncs a directory, making renames and creations in it durable.
+func syncDir(dir string) error { return syncPath(dir) }

@@ -22,6 +22,8 @@ type Status struct {
 	Orphans      []DeviceStatus   `json:"orphans"`
 	Trash        int              `json:"trash_entries"`
 	Staging      int              `json:"staging_entries"`
+	// devices counts the loop devices backed under root (metrics).
+	devices int
 }
 
 // SnapshotStatus describes one snapshot and its device, if attached.
@@ -67,6 +69,8 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		}
 	}
 	st := s.statusHead()
+	st.devices = len(own)
+	mounts := mountPoints()
 	needed := map[devKey]bool{}
 	for _, e := range entries {
 		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
@@ -83,7 +87,11 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 				if len(e.sn.ParentIDs) > 0 {
 					parent = s.imagePath(e.sn.ParentIDs[0])
 				}
-				if u, err := imageUsage(s.imagePath(e.id), parent); err == nil {
+				mnt := ""
+				if d, ok := byKey[k]; ok {
+					mnt = mounts[d.info.Devnum]
+				}
+				if u, err := imageUsage(s.imagePath(e.id), parent, mnt); err == nil {
 					ss.Usage = u.Size
 				}
 			} else {
@@ -96,7 +104,7 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	for _, d := range own {
-		if d.key.id != "" && needed[d.key] {
+		if (d.key.id != "" && needed[d.key]) || d.detachPending() {
 			continue
 		}
 		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})

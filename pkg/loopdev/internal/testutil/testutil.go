@@ -4,7 +4,6 @@
 package testutil
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,6 +11,9 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/mountinfo"
 )
 
 // RequireRoot skips unless the test runs as root on a host with loop devices.
@@ -55,11 +57,19 @@ func NoLeaks(t testing.TB, dirs ...string) {
 	}
 	before := Snapshot(abs...)
 	t.Cleanup(func() {
-		after := Snapshot(abs...)
+		// A detach that another opener (udev, another loop user's probe)
+		// made lazy completes at that opener's close: allow it a moment, so
+		// only what stays bound counts as a leak.
 		var leaked []string
-		for k := range after {
-			if !before[k] {
-				leaked = append(leaked, k)
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			leaked = leaked[:0]
+			for k := range Snapshot(abs...) {
+				if !before[k] {
+					leaked = append(leaked, k)
+				}
+			}
+			if len(leaked) == 0 || time.Now().After(deadline) {
+				break
 			}
 		}
 		if len(leaked) > 0 {
@@ -94,28 +104,10 @@ func Snapshot(dirs ...string) map[string]bool {
 			devs["/dev/"+filepath.Base(p)] = true
 		}
 	}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return out
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 64*1024), 1024*1024)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) < 10 {
-			continue
-		}
-		mp := unescape(fields[4])
-		src := ""
-		for i, fld := range fields {
-			if fld == "-" && i+2 < len(fields) {
-				src = unescape(fields[i+2])
-				break
-			}
-		}
-		if under(mp, dirs) || devs[src] {
-			out[fmt.Sprintf("mount %s on %s", src, mp)] = true
+	ms, _ := mountinfo.Self()
+	for _, m := range ms {
+		if under(m.MountPoint, dirs) || devs[m.Source] {
+			out[fmt.Sprintf("mount %s on %s", m.Source, m.MountPoint)] = true
 		}
 	}
 	return out
@@ -128,24 +120,4 @@ func under(p string, dirs []string) bool {
 		}
 	}
 	return false
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for space and friends).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var v int
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%o", &v); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }

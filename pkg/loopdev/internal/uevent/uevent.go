@@ -16,9 +16,9 @@ var ErrMalformed = errors.New("malformed uevent")
 
 // Event is a parsed kernel uevent.
 type Event struct {
-	Action  string
-	Devpath string
-	Env     map[string]string
+	Action  string            // "add", "change", "remove"...
+	Devpath string            // sysfs path below /sys
+	Env     map[string]string // KEY=VALUE fields (SUBSYSTEM, DEVTYPE, DISKSEQ, SEQNUM...)
 }
 
 // Parse parses a kernel uevent datagram: "ACTION@DEVPATH\0KEY=VALUE\0...".
