@@ -31,9 +31,10 @@ export LOOPKIT_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 # Extra flags for every `go test` (for example GOTESTFLAGS=-v).
 GOTESTFLAGS ?=
 # Debian packages the tests use; `make test` installs the missing ones
-# without starting their services (scripts/test-setup.sh).
+# without starting their services (scripts/test-setup.sh). gcc and
+# libc6-dev: the race-detector pass needs cgo.
 TEST_PACKAGES ?= containerd runc podman e2fsprogs erofs-utils squashfs-tools xfsprogs btrfs-progs fdisk \
-	dosfstools util-linux mount busybox-static udev kmod jq systemd
+	dosfstools util-linux mount busybox-static udev kmod jq systemd gcc libc6-dev
 # Under `make test` a test whose tool is missing fails, naming the tool and
 # how to install it; `make test-unit` and plain `go test` skip instead.
 TEST_REQUIRE := LOOPKIT_TEST_REQUIRE=1
