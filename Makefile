@@ -78,7 +78,7 @@ test: require-root test-setup tools $(SUMMARY)
 	$(TEST_REQUIRE) $(GO) test -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./... | $(summary) integration
 	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./... | $(summary) loopdev
 	$(TEST_REQUIRE) LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m ./... | $(summary) loopdev-legacy
-	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' . | $(summary) loopdev-race
+	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22|TestAuditMethodsRace' . | $(summary) loopdev-race
 	$(TEST_REQUIRE) $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress
 	scripts/with-udevd.sh env $(TEST_REQUIRE) LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-udevd
 	scripts/with-losetup-churn.sh env $(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-losetup-churn

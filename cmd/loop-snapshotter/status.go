@@ -46,6 +46,11 @@ func runStatus(args []string, stdout io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
 	}
+	if st.LayerBacking != "" {
+		fmt.Fprintf(stdout, "mode: %s (layers: %s-backed erofs)\n\n", st.Mode, st.LayerBacking)
+	} else {
+		fmt.Fprintf(stdout, "mode: %s\n\n", st.Mode)
+	}
 	w := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "KEY\tID\tKIND\tSIZE LIMIT\tUSAGE\tDEVICE\tDISKSEQ")
 	for _, s := range st.Snapshots {
