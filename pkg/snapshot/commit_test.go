@@ -225,7 +225,7 @@ func TestCommitReportsHolder(t *testing.T) {
 	unmount()
 	err = s.Commit(ctx, "c", "a")
 	ns, _ := os.Readlink("/proc/" + strconv.Itoa(holder.Process.Pid) + "/ns/mnt")
-	want := "pid " + strconv.Itoa(holder.Process.Pid) + " (" + ns + ") at " + m
+	want := "pid " + strconv.Itoa(holder.Process.Pid) + " sleep (" + ns + ") at " + m
 	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), want) {
 		t.Errorf("commit with a mount copy elsewhere: %v, want FailedPrecondition naming %q", err, want)
 	}
