@@ -325,16 +325,30 @@ func freeBytes(path string) int64 {
 	return int64(st.Bfree) * st.Bsize
 }
 
-// allocatedUnder sums st_blocks of regular files under dir. Reflinked
-// extents are counted once per file that shares them.
+// allocatedUnder sums st_blocks of regular files under dir, on dir's
+// filesystem only (layered mode mounts its layers below its root).
+// Reflinked extents are counted once per file that shares them.
 func allocatedUnder(dir string) int64 {
 	var n int64
+	var root unix.Stat_t
+	if unix.Stat(dir, &root) != nil {
+		return 0
+	}
 	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
+		if err != nil {
 			return nil
 		}
 		var st unix.Stat_t
-		if unix.Lstat(p, &st) == nil {
+		if unix.Lstat(p, &st) != nil {
+			return nil
+		}
+		if st.Dev != root.Dev {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if d.Type().IsRegular() {
 			n += st.Blocks * 512
 		}
 		return nil

@@ -3,6 +3,7 @@ package snapshot
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -15,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/loopkit/loopkit/internal/testutil"
@@ -443,4 +445,36 @@ func TestModeOfRoot(t *testing.T) {
 		t.Errorf("unset mode on a flat root: %q", s.Mode())
 	}
 	must(t, s.Close())
+}
+
+// TestLayeredMetrics: the metrics name the mode and the layer backing and
+// count mounted layers.
+func TestLayeredMetrics(t *testing.T) {
+	s, _ := newLayered(t, nil)
+	ctx := context.Background()
+	_, err := s.Prepare(ctx, "extract-1", "")
+	must(t, err)
+	must(t, s.Commit(ctx, "L1", "extract-1"))
+	_, err = s.Prepare(ctx, "c", "L1")
+	must(t, err)
+	reg := prometheus.NewRegistry()
+	must(t, reg.Register(s))
+	mfs, err := reg.Gather()
+	must(t, err)
+	got := map[string]string{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, l.GetName()+"="+l.GetValue())
+			}
+			got[mf.GetName()+"{"+strings.Join(labels, ",")+"}"] = fmt.Sprint(m.GetGauge().GetValue())
+		}
+	}
+	if v := got["loop_snapshotter_mode{layer_backing="+s.backing+",mode=layered}"]; v != "1" {
+		t.Errorf("mode metric: %v", got)
+	}
+	if v := got["loop_snapshotter_layer_mounts{}"]; v != "1" {
+		t.Errorf("layer mounts %q, want 1: %v", v, got)
+	}
 }

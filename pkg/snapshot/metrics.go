@@ -32,12 +32,16 @@ var (
 		"Orphan devices detached at startup or by Cleanup.", nil, nil)
 	descDataLoss = prometheus.NewDesc("loop_snapshotter_data_loss_refusals_total",
 		"Commits refused because the image lost data.", nil, nil)
+	descMode = prometheus.NewDesc("loop_snapshotter_mode",
+		"Always 1: the storage mode of the root and, in layered mode, how layers are mounted.", []string{"mode", "layer_backing"}, nil)
+	descLayerMounts = prometheus.NewDesc("loop_snapshotter_layer_mounts",
+		"Layered mode: committed layers mounted read-only on the host.", nil, nil)
 )
 
 // Describe implements prometheus.Collector.
 func (s *Snapshotter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSnapshots, descDevices, descAllocated, descClones, descResizes,
-		descReplays, descLazy, descOrphans, descDataLoss} {
+		descReplays, descLazy, descOrphans, descDataLoss, descMode, descLayerMounts} {
 		ch <- d
 	}
 }
@@ -66,7 +70,17 @@ func (s *Snapshotter) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descDevices, float64(st.devices))
 		gauge(descAllocated, float64(allocated))
+		if s.layered() {
+			var mounted int
+			for _, sn := range st.Snapshots {
+				if sn.Mounted {
+					mounted++
+				}
+			}
+			gauge(descLayerMounts, float64(mounted))
+		}
 	}
+	gauge(descMode, 1, s.mode, s.backing)
 	counter(descClones, s.m.cloneReflink.Load(), "reflink")
 	counter(descClones, s.m.cloneSparse.Load(), "sparse")
 	counter(descResizes, s.m.grows.Load(), "grow")

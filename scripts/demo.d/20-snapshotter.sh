@@ -3,9 +3,10 @@
 # and a containerd 1.6 with it as the proxy plugin "loop" run under
 # $WORK/ctd (own root, state, sockets, runc root; never the system
 # containerd). A four-layer image built here from the host's static busybox
-# is imported (unpacked through the snapshotter), a container runs on a
-# loop-backed ext4 root with a size limit, and writing past the limit fails
-# with ENOSPC. Everything is removed again and the snapshotter's state is
+# is imported (unpacked through the snapshotter into erofs layers, layered
+# mode), a container runs on an overlay of those layers whose writable upper
+# is its own loop-backed ext4 image with a size limit, and writing past the
+# limit fails with ENOSPC. Everything is removed again and the snapshotter's state is
 # shown empty. Sourced by scripts/demo.sh.
 
 CTD=$WORK/ctd
@@ -23,8 +24,11 @@ ctr_() { ctr --address "$CTD_SOCK" --namespace "$CTD_NS" "$@"; }
 snap_status() { "$BIN/loop-snapshotter" status --config "$SNAP_CFG" --address "$SNAP_SOCK" "$@"; }
 
 step "Starting loop-snapshotter (root $SNAP_ROOT)"
-# Layers unpack into 64 MiB images; containers get their own size by label.
+# Layered mode (the default for a new root, spelled out here): layers
+# become erofs images; a container's writable upper gets its size by label,
+# else default_size.
 cat >"$SNAP_CFG" <<EOF
+mode = "layered"
 default_size = "64MiB"
 max_size = "1GiB"
 EOF
@@ -130,14 +134,15 @@ for n in 1 2 3 4; do
 done
 ok "$IMAGE_REF: OCI archive of $(du -h "$CTD/image/image.tar" | cut -f1)"
 
-step "Importing it: containerd unpacks each layer into a loop-backed snapshot"
+step "Importing it: containerd unpacks each layer, the snapshotter makes each an erofs image"
 run ctr_ image import --snapshotter loop "$CTD/image/image.tar" | sed 's/^/   /'
 cleanup_push "ctr --address '$CTD_SOCK' --namespace $CTD_NS image rm --sync $IMAGE_REF"
 undo_image=$_last_cleanup
 run ctr_ snapshots --snapshotter loop ls | sed 's/^/   /'
 n=$(ctr_ snapshots --snapshotter loop ls | grep -c ' Committed *$' || true)
 [ "$n" = 4 ] || fail "$n committed snapshots, want 4"
-ok "$n committed snapshots, one per layer"
+run ls -l "$SNAP_ROOT/layers" | sed 's/^/   /'
+ok "$n committed snapshots, one per layer, each an erofs image"
 
 step "Running a container on the loop snapshotter with a $((LIMIT >> 20)) MiB size limit"
 run ctr_ run -d --null-io --snapshotter loop --runc-root "$CTD/runc" \
@@ -151,21 +156,23 @@ indent <<<"$out"
 ok "the container sees all four layers, layer 4's whiteout hides /etc/layer2"
 
 step "Inside the container: df -h / and the root mount"
-out=$(run cexec sh -c 'df -h /; grep " / / " /proc/self/mountinfo')
+out=$(run cexec sh -c 'df -h /; grep " / / " /proc/self/mountinfo | cut -c1-160')
 indent <<<"$out"
 size=$(cexec df -k / | awk 'NR == 2 { print $2 }')
 ((size * 1024 <= LIMIT && size * 1024 > LIMIT * 3 / 4)) || fail "df shows ${size} KiB for a $((LIMIT >> 20)) MiB limit"
-[[ "$out" == *"/dev/loop"*" ext4 "* || "$out" == *" ext4 /dev/loop"* ]] || fail "the root is not an ext4 loop device"
-ok "root is ext4 on a loop device, ${size} KiB: the size label became the filesystem size"
+[[ "$out" == *" - overlay "* ]] || fail "the root is not an overlay"
+ok "root is an overlay of the erofs layers, ${size} KiB writable: the size label became the filesystem size"
 
-step "On the host: the container's loop device (loop-snapshotter status, lsblk)"
+step "On the host: the layer mounts and the container's upper device (loop-snapshotter status, lsblk)"
+run grep -E " $SNAP_ROOT/(l/[0-9]+|u/[0-9]+/m) " /proc/self/mountinfo | awk '{ print "   " $5, $9, $10 }'
+
 run snap_status | sed 's/^/   /'
 st=$(snap_status --json)
 DEV=$(jq -r '[.snapshots[] | select(.kind == "Active" and .device != "")][0].device' <<<"$st")
 [ -b "$DEV" ] || fail "no active snapshot with a device in: $st"
 run lsblk -o NAME,MAJ:MIN,SIZE,RO,TYPE,MOUNTPOINTS "$DEV" | sed 's/^/   /'
 run "$BIN/loopctl" info "$DEV" | sed 's/^/   /'
-ok "$DEV backs the container (diskseq $(jq -r --arg d "$DEV" '.snapshots[] | select(.device == $d) | .diskseq' <<<"$st"))"
+ok "$DEV holds the container's writable upper (diskseq $(jq -r --arg d "$DEV" '.snapshots[] | select(.device == $d) | .diskseq' <<<"$st"))"
 
 step "Writing 200 MiB into the $((LIMIT >> 20)) MiB root: the kernel refuses cleanly"
 out=$(run cexec sh -c 'dd if=/dev/zero of=/fill bs=1M count=200 2>&1; echo "dd exit status $?"')
