@@ -84,6 +84,20 @@ const layeredTreeScript = `find / -xdev | sort | while read f; do test "$f" = / 
 	`if test -d "$f" -a ! -L "$f"; then stat -c '%n %f %u:%g %Y' "$f"; else stat -c '%n %f %u:%g %Y %h %s' "$f"; fi; done; ` +
 	`find / -xdev -type f | sort | xargs md5sum`
 
+// layeredImageTree drops the lines of the runtime's own mounts over the
+// image's /dev, /proc, /sys and /run: their times are the container's
+// start, not the image's.
+func layeredImageTree(list string) string {
+	var keep []string
+	for _, l := range strings.Split(list, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && slices.Contains([]string{"/dev", "/proc", "/sys", "/run"}, f[0]) {
+			continue
+		}
+		keep = append(keep, l)
+	}
+	return strings.Join(keep, "\n")
+}
+
 // TestContainerdLayered is issue 8's end-to-end path on a private
 // containerd 1.6 in layered mode: import a multi-layer image with a
 // whiteout, an opaque directory and hard links; run it on an overlay of
@@ -115,6 +129,7 @@ func TestContainerdLayered(t *testing.T) {
 	// The same tree as containerd's own overlayfs snapshotter.
 	loopTree := e.ctr(e.runArgs("--rm", layeredImageRef, "tree-loop", "sh", "-c", layeredTreeScript)...)
 	ovlTree := e.ctr("run", "--snapshotter", "overlayfs", "--runc-root", e.runcRoot, "--rm", layeredImageRef, "tree-ovl", "sh", "-c", layeredTreeScript)
+	loopTree, ovlTree = layeredImageTree(loopTree), layeredImageTree(ovlTree)
 	if loopTree != ovlTree || strings.Count(loopTree, "\n") < 30 {
 		t.Errorf("layered tree differs from overlayfs's:\n--- overlayfs\n%s\n--- loop\n%s", ovlTree, loopTree)
 	}
