@@ -2,6 +2,8 @@
 # `make test` and `make demo` need root; `make test-unit` does not.
 
 SHELL := /bin/bash
+# pipefail: a `go test -json | testsummary` pass fails when go test does.
+.SHELLFLAGS := -o pipefail -c
 # Go 1.26 from /usr/local/go (where go.dev's tarball installs) wins over an
 # older distribution Go on PATH.
 export PATH := $(if $(wildcard /usr/local/go/bin/go),/usr/local/go/bin:)$(PATH):$(CURDIR)/bin/tools
@@ -18,10 +20,29 @@ LDFLAGS  := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 
 STATICCHECK_VERSION ?= v0.8.2
 CRICTL_VERSION      ?= v1.37.0
+CONTAINERD2_VERSION ?= v2.4.2
 TOOLS               := $(CURDIR)/bin/tools
+# containerd 2.x (containerd, ctr, containerd-shim-runc-v2) built from the
+# module proxy, one directory per version so a bump rebuilds and an old build
+# is reused. Tests find it through LOOPKIT_CONTAINERD2_DIR.
+CONTAINERD2_DIR     := $(TOOLS)/containerd-$(CONTAINERD2_VERSION:v%=%)
+export LOOPKIT_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
 # Extra flags for every `go test` (for example GOTESTFLAGS=-v).
 GOTESTFLAGS ?=
+# Debian packages the tests use; `make test` installs the missing ones
+# without starting their services (scripts/test-setup.sh). gcc and
+# libc6-dev: the race-detector pass needs cgo.
+TEST_PACKAGES ?= containerd runc podman e2fsprogs erofs-utils squashfs-tools xfsprogs btrfs-progs fdisk \
+	dosfstools util-linux mount busybox-static udev kmod jq systemd gcc libc6-dev
+# Under `make test` a test whose tool is missing fails, naming the tool and
+# how to install it; `make test-unit` and plain `go test` skip instead.
+TEST_REQUIRE := LOOPKIT_TEST_REQUIRE=1
+# Every `make test` pass runs `go test -json` through testsummary: go test's
+# usual lines, then each skip with its reason and one line
+# "PASS: N ran, N skipped, N passed, N failed".
+SUMMARY     := $(CURDIR)/bin/testsummary
+summary      = $(SUMMARY) $(if $(filter -v,$(GOTESTFLAGS)),-v) -pass
 # Tests of pkg/loopdev re-run with systemd-udevd running, and their env
 # (LOOPKIT_TEST_SCALE=1: the scaled stress run, 32 goroutines x 20 + 4 procs).
 LOOPDEV_STRESS_RUN ?= TestR01_|TestR19|HeavyDuty|Stress
@@ -33,7 +54,7 @@ LOOPDEV_MOD := pkg/loopdev
 BENCH_FLAGS ?= -workers 1,8,32 -n 512 -rounds 3
 BENCH_TIME  ?= 200x
 
-.PHONY: all build test test-unit bench bench-loop bench-hook bench-snapshotter demo lint install tools clean
+.PHONY: all build test test-setup test-unit bench bench-loop bench-hook bench-snapshotter bench-containerd demo lint install tools clean
 
 all: build
 
@@ -46,20 +67,29 @@ build:
 # packages' mounts and pins their devices); the loopdev suite on the legacy
 # (LOOP_SET_FD) path; the allocation and heavy-duty tests under the race
 # detector; the scaled stress run (32 goroutines x 20 iterations plus 4
-# processes); then the whole loopdev suite again with systemd-udevd probing
-# every device (stress scaled), and while another process loops losetup on
-# its own files.
-# Stops at the first failing step; the last lines are go test's own.
-test: require-root
+# processes) without and then with systemd-udevd probing every device; then
+# the whole loopdev suite again with systemd-udevd probing every device
+# (stress scaled), and while another process loops losetup on its own files.
+# Stops at the first failing step; each pass ends with its summary line
+# (skips with their reasons, then "N ran, N skipped, N passed, N failed").
+test: require-root test-setup tools $(SUMMARY)
 	$(GO) vet -tags integration ./...
 	$(GO) vet -C $(LOOPDEV_MOD) -tags integration ./...
-	$(GO) test $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./...
-	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./...
-	LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m ./...
-	$(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22' .
-	$(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' .
-	scripts/with-udevd.sh env LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
-	scripts/with-losetup-churn.sh $(GO) test -C $(LOOPDEV_MOD) $(GOTESTFLAGS) -count=1 -timeout 30m ./...
+	$(TEST_REQUIRE) $(GO) test -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 60m ./... | $(summary) integration
+	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -p 1 -tags integration -count=1 -timeout 30m ./... | $(summary) loopdev
+	$(TEST_REQUIRE) LOOPKIT_TEST_FORCE_LEGACY=1 $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m ./... | $(summary) loopdev-legacy
+	$(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -race -count=1 -timeout 20m -run 'TestR01_|TestR19|TestR22|TestAuditMethodsRace' . | $(summary) loopdev-race
+	$(TEST_REQUIRE) $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 20m -run '$(LOOPDEV_STRESS_RUN)' . | $(summary) loopdev-stress
+	scripts/with-udevd.sh env $(TEST_REQUIRE) LOOPKIT_TEST_UDEV=1 $(LOOPDEV_STRESS_ENV) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-udevd
+	scripts/with-losetup-churn.sh env $(TEST_REQUIRE) $(GO) test -C $(LOOPDEV_MOD) -json $(GOTESTFLAGS) -count=1 -timeout 30m ./... | $(summary) loopdev-losetup-churn
+
+# Packages, Go modules, no daemon left running by the install.
+test-setup: require-root
+	scripts/test-setup.sh $(TEST_PACKAGES)
+
+$(SUMMARY): internal/testsummary/main.go
+	@mkdir -p bin
+	$(GO) build -o $@ ./internal/testsummary
 
 test-unit:
 	$(GO) test $(GOTESTFLAGS) -short -count=1 ./...
@@ -67,7 +97,7 @@ test-unit:
 
 # Benchmarks: markdown reports on stdout, progress on stderr. `make bench`
 # runs them all; BENCHMARKS.md records their output.
-bench: bench-loop bench-hook bench-snapshotter
+bench: bench-loop bench-hook bench-snapshotter bench-containerd
 
 # Loop attach+detach side by side (loopkit, containerd, losetup) without and
 # with systemd-udevd, then the in-package Go benchmarks.
@@ -96,6 +126,12 @@ bench-snapshotter: require-root build
 	$(GO) build -o bin/snapbench ./bench/snapbench
 	bin/snapbench -fs ext4,xfs
 
+# `ctr run --rm` on containerd 2.x: loop (each mode) against containerd's
+# overlayfs, erofs and blockfile, same image, interleaved.
+CTR_BENCH_RUNS ?= 40
+bench-containerd: require-root tools
+	$(GO) test -tags integration -count=1 -run '^$$' -bench BenchmarkContainerdRunRm -benchtime $(CTR_BENCH_RUNS)x -v ./integration
+
 demo: require-root
 	scripts/demo.sh
 
@@ -111,7 +147,21 @@ lint: $(TOOLS)/staticcheck
 		shellcheck -x .ci/run scripts/*.sh scripts/demo.d/*.sh; \
 	else echo "shellcheck not installed; shell scripts not checked (apt-get install shellcheck)"; fi
 
-tools: $(TOOLS)/staticcheck $(TOOLS)/crictl
+tools: $(TOOLS)/staticcheck $(TOOLS)/crictl $(CONTAINERD2_DIR)/containerd-shim-runc-v2
+
+# Tags and flags as in containerd's own Makefile; CGO off, so no libseccomp
+# or libbtrfs headers are needed. The shim is built last (and without gRPC):
+# its presence marks a complete build.
+CONTAINERD2_PKG := github.com/containerd/containerd/v2
+CONTAINERD2_LD  := -s -w -X $(CONTAINERD2_PKG)/version.Version=$(CONTAINERD2_VERSION) -X $(CONTAINERD2_PKG)/version.Package=$(CONTAINERD2_PKG)
+$(CONTAINERD2_DIR)/containerd-shim-runc-v2:
+	@mkdir -p $(CONTAINERD2_DIR)
+	GOBIN=$(CONTAINERD2_DIR) CGO_ENABLED=0 $(GO) install -trimpath \
+		-tags 'urfave_cli_no_docs no_btrfs no_devmapper no_zfs' -ldflags '$(CONTAINERD2_LD)' \
+		$(CONTAINERD2_PKG)/cmd/containerd@$(CONTAINERD2_VERSION) $(CONTAINERD2_PKG)/cmd/ctr@$(CONTAINERD2_VERSION)
+	GOBIN=$(CONTAINERD2_DIR) CGO_ENABLED=0 $(GO) install -trimpath \
+		-tags 'urfave_cli_no_docs no_btrfs no_devmapper no_zfs no_grpc' -ldflags '$(CONTAINERD2_LD)' \
+		$(CONTAINERD2_PKG)/cmd/containerd-shim-runc-v2@$(CONTAINERD2_VERSION)
 
 $(TOOLS)/staticcheck:
 	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)

@@ -11,45 +11,186 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/loopkit/loopkit/internal/testutil"
+	"github.com/loopkit/loopkit/pkg/config"
 )
 
-// ctdEnv is a private containerd 1.6 with loop-snapshotter as the proxy
-// plugin "loop", everything under one temporary directory: its own root,
-// state, sockets, runc root and namespace. It never touches a system
+// snapshotterModes lists the snapshotter's storage modes every
+// containerd-facing test runs in. A mode is the `mode` key of the
+// snapshotter's configuration.
+var snapshotterModes = []string{config.ModeFlat, config.ModeLayered}
+
+// ctdDaemon is one containerd release the tests run against: its binaries
+// and what differs between the 1.x and 2.x configuration formats.
+type ctdDaemon struct {
+	name       string // "containerd-1.6.20": the subtest name
+	major      int    // 1 or 2
+	containerd string // path of containerd
+	ctr        string // path of the matching ctr
+	// binDir, when set, goes first on PATH: containerd starts the shim it
+	// finds first there, and 2.x must not start Debian's 1.6 shim.
+	binDir string
+}
+
+// containerd2Version is the containerd 2.x release `make tools` builds.
+const containerd2Version = "2.4.2"
+
+// ctdDaemons returns the containerds to test against: Debian's 1.6 from
+// PATH and the 2.x that `make tools` builds into bin/tools (directory in
+// LOOPKIT_CONTAINERD2_DIR, set by the Makefile). A missing one is a subtest
+// that skips, or fails under `make test`, with how to install it.
+func ctdDaemons(t testing.TB) []ctdDaemon {
+	t.Helper()
+	var out []ctdDaemon
+	v1 := ctdDaemon{major: 1, name: "containerd-1.6"}
+	if p, err := exec.LookPath("containerd"); err == nil {
+		v1.containerd = p
+		v1.ctr, _ = exec.LookPath("ctr")
+		if b, err := exec.Command(p, "--version").Output(); err == nil {
+			if f := strings.Fields(string(b)); len(f) >= 3 {
+				v, _, _ := strings.Cut(strings.TrimPrefix(f[2], "v"), "~")
+				v1.name = "containerd-" + v
+			}
+		}
+	}
+	out = append(out, v1)
+	dir := os.Getenv("LOOPKIT_CONTAINERD2_DIR")
+	if dir == "" {
+		dir = filepath.Join(criRepoRoot(t), "bin", "tools", "containerd-"+containerd2Version)
+	}
+	v2 := ctdDaemon{major: 2, name: "containerd-" + containerd2Version, binDir: dir}
+	if _, err := os.Stat(filepath.Join(dir, "containerd-shim-runc-v2")); err == nil {
+		v2.containerd = filepath.Join(dir, "containerd")
+		v2.ctr = filepath.Join(dir, "ctr")
+	}
+	return append(out, v2)
+}
+
+// require ends the (sub)test when the daemon's binaries are not installed.
+func (d ctdDaemon) require(t *testing.T) {
+	t.Helper()
+	if d.containerd != "" && d.ctr != "" {
+		return
+	}
+	if d.major == 1 {
+		testutil.Missing(t, "containerd", "")
+	}
+	testutil.Missing(t, "containerd "+containerd2Version+" in "+d.binDir, "make tools")
+}
+
+// env is the environment the daemon and its clients run with.
+func (d ctdDaemon) env() []string {
+	if d.binDir == "" {
+		return nil
+	}
+	return []string{"PATH=" + d.binDir + ":" + os.Getenv("PATH")}
+}
+
+// forEachDaemonMode runs fn as one subtest per containerd release and
+// snapshotter mode, named "containerd-2.4.2/flat".
+func forEachDaemonMode(t *testing.T, fn func(t *testing.T, d ctdDaemon, mode string)) {
+	t.Helper()
+	for _, d := range ctdDaemons(t) {
+		for _, mode := range snapshotterModes {
+			t.Run(d.name+"/"+mode, func(t *testing.T) {
+				d.require(t)
+				fn(t, d, mode)
+			})
+		}
+	}
+}
+
+// forEachMode runs fn once per snapshotter mode against containerd 2.x only
+// (the nerdctl and socket-activation paths need 2.x).
+func forEachMode(t *testing.T, fn func(t *testing.T, d ctdDaemon, mode string)) {
+	t.Helper()
+	for _, d := range ctdDaemons(t) {
+		if d.major != 2 {
+			continue
+		}
+		for _, mode := range snapshotterModes {
+			t.Run(d.name+"/"+mode, func(t *testing.T) {
+				d.require(t)
+				fn(t, d, mode)
+			})
+		}
+	}
+}
+
+// snapModeConfig is the snapshotter configuration line selecting mode.
+// Before the configuration had a mode key, flat was the only mode and
+// nothing is written.
+func snapModeConfig(t *testing.T, mode string) string {
+	t.Helper()
+	typ := reflect.TypeOf(config.Snapshotter{})
+	for i := 0; i < typ.NumField(); i++ {
+		if strings.Split(typ.Field(i).Tag.Get("toml"), ",")[0] == "mode" {
+			return fmt.Sprintf("mode = %q\n", mode)
+		}
+	}
+	if mode != "flat" {
+		t.Fatalf("snapshotter mode %q: the configuration has no mode key", mode)
+	}
+	return ""
+}
+
+// ctdShortDir returns a short private directory: unix socket paths (the 2.x
+// shims' sockets, named by a 64-hex digest) must stay under 108 bytes, which
+// t.TempDir's long names exceed.
+func ctdShortDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "lk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// ctdEnv is a private containerd (1.6 or 2.x) with loop-snapshotter as the
+// proxy plugin "loop", everything under one temporary directory: its own
+// root, state, sockets, runc root and namespace. It never touches a system
 // containerd (CRI is disabled; the CRI path has its own test).
 type ctdEnv struct {
 	t        *testing.T
+	d        ctdDaemon
+	mode     string
 	dir      string
 	sock     string
 	ns       string
 	runcRoot string
 	snapRoot string
 	snapBin  string
+	shimDir  string
 	snap     *snapDaemon
 	ctrd     *criProc
 }
 
-// ctdStart builds and starts loop-snapshotter (configuration body
-// snapConfig) and containerd, and registers their orderly stop.
-func ctdStart(t *testing.T, snapConfig string) *ctdEnv {
+// ctdStart builds and starts loop-snapshotter (in mode, configuration body
+// snapConfig) and containerd d, and registers their orderly stop.
+func ctdStart(t *testing.T, d ctdDaemon, mode, snapConfig string) *ctdEnv {
 	t.Helper()
 	testutil.RequireRoot(t)
-	testutil.RequireBinaries(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "busybox", "mkfs.ext4", "go")
+	d.require(t)
+	testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 	dir := t.TempDir()
 	testutil.NoLeaks(t, dir)
 	e := &ctdEnv{
 		t:        t,
+		d:        d,
+		mode:     mode,
 		dir:      dir,
 		sock:     filepath.Join(dir, "run", "containerd.sock"),
 		ns:       fmt.Sprintf("loopkit-e2e-%d", rand.Int63()),
 		runcRoot: filepath.Join(dir, "runc"),
 		snapRoot: filepath.Join(dir, "root", "io.containerd.snapshotter.v1.loop"),
+		shimDir:  ctdShortDir(t),
 	}
 	for _, d := range []string{"run", "bin", "etc", "logs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
@@ -66,7 +207,7 @@ func ctdStart(t *testing.T, snapConfig string) *ctdEnv {
 		criUnmountUnder(t, dir)
 		criDetachUnder(t, dir)
 	})
-	cfg := snapWriteConfig(t, filepath.Join(dir, "etc"), snapConfig)
+	cfg := snapWriteConfig(t, filepath.Join(dir, "etc"), snapModeConfig(t, mode)+snapConfig)
 	snap, err := startSnapDaemon(e.snapBin, cfg, e.snapRoot, filepath.Join(dir, "run", "loop.sock"), filepath.Join(dir, "logs", "loop-snapshotter.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -83,8 +224,8 @@ func ctdStart(t *testing.T, snapConfig string) *ctdEnv {
 	if err := os.WriteFile(ctrdCfg, []byte(e.containerdConfig()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e.ctrd = criStart(t, "containerd", filepath.Join(dir, "logs", "containerd.log"), nil,
-		"containerd", "--config", ctrdCfg, "--log-level", "debug")
+	e.ctrd = criStart(t, "containerd", filepath.Join(dir, "logs", "containerd.log"), d.env(),
+		d.containerd, "--config", ctrdCfg, "--log-level", "debug")
 	t.Cleanup(func() {
 		if !e.ctrd.stop(30 * time.Second) {
 			t.Errorf("containerd did not stop on SIGTERM within 30s")
@@ -113,10 +254,13 @@ func ctdStart(t *testing.T, snapConfig string) *ctdEnv {
 	return e
 }
 
-// containerdConfig is the documented 1.6 proxy-plugin snippet (spec §5.3)
-// with every daemon path private.
+// containerdConfig is the documented proxy-plugin snippet for the daemon's
+// release with every daemon path private.
 func (e *ctdEnv) containerdConfig() string {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
+	if e.d.major >= 2 {
+		return ctdConfig2(ctdPaths{dir: e.dir, sock: e.sock, snapSock: e.snap.sock, shimDir: e.shimDir}, false)
+	}
 	return fmt.Sprintf(`version = 2
 root = %s
 state = %s
@@ -141,8 +285,69 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.a
 		q(e.snap.sock), q(filepath.Join(e.dir, "opt")))
 }
 
+// ctdPaths are the private paths of a containerd 2.x instance.
+type ctdPaths struct {
+	dir      string   // root, state, temp and opt live below it
+	sock     string   // gRPC socket; ttrpc is sock + ".ttrpc"
+	snapSock string   // loop-snapshotter's socket
+	proxies  string   // instead of snapSock: the [proxy_plugins] tables
+	unpack   []string // snapshotters to unpack for (default loop, overlayfs)
+	shimDir  string   // shim sockets (short path)
+}
+
+// ctdConfig2 is a containerd 2.x configuration (version 4, as containerd
+// config migrate prints it) with every path
+// private: what a 2.x instance needs beyond the 1.6 settings. With cri
+// false the CRI plugins are disabled.
+func ctdConfig2(p ctdPaths, cri bool) string {
+	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
+	disabled := `"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"`
+	if !cri {
+		disabled += `, "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"`
+	}
+	if len(p.unpack) == 0 {
+		p.unpack = []string{"loop", "overlayfs"}
+	}
+	var unpack strings.Builder
+	for _, sn := range p.unpack {
+		fmt.Fprintf(&unpack, "  [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n    platform = %s\n    snapshotter = %s\n", q("linux/"+runtime.GOARCH), q(sn))
+	}
+	proxies := p.proxies
+	if proxies == "" {
+		proxies = fmt.Sprintf("  [proxy_plugins.loop]\n    type = \"snapshot\"\n    address = %s\n", q(p.snapSock))
+	}
+	return fmt.Sprintf(`version = 4
+root = %s
+state = %s
+temp = %s
+disabled_plugins = [%s]
+
+[proxy_plugins]
+%s
+[plugins]
+  [plugins.'io.containerd.server.v1.grpc']
+    address = %s
+  [plugins.'io.containerd.server.v1.ttrpc']
+    address = %s
+  [plugins.'io.containerd.internal.v1.opt']
+    path = %s
+  # 2.x puts shim sockets in /run/containerd/s otherwise.
+  [plugins.'io.containerd.shim.v1.manager']
+    socket_dir = %s
+  # Keep a private instance off the host's NRI socket.
+  [plugins.'io.containerd.nri.v1.nri']
+    disable = true
+  # ctr images import and nerdctl load go through the transfer service in
+  # 2.x, which unpacks only for the snapshotters listed here.
+%s`, q(filepath.Join(p.dir, "root")), q(filepath.Join(p.dir, "state")), q(filepath.Join(p.dir, "tmp")), disabled,
+		proxies, q(p.sock), q(p.sock+".ttrpc"), q(filepath.Join(p.dir, "opt")), q(p.shimDir),
+		unpack.String())
+}
+
 func (e *ctdEnv) ctrArgs(args ...string) []string {
-	return append([]string{"ctr", "--address", e.sock, "--namespace", e.ns}, args...)
+	return append([]string{e.d.ctr, "--address", e.sock, "--namespace", e.ns}, args...)
 }
 
 // ctr runs ctr against the private containerd and returns stdout.
@@ -246,7 +451,7 @@ func ctdLayeredImage(t *testing.T, path, ref, busyboxPath string) {
 }
 
 // ctdWriteImage writes an OCI image archive (what `ctr image import` reads).
-func ctdWriteImage(t *testing.T, path, ref string, layers []criBlob, cmd []string) {
+func ctdWriteImage(t testing.TB, path, ref string, layers []criBlob, cmd []string) {
 	t.Helper()
 	diffIDs := make([]string, 0, len(layers))
 	descs := make([]map[string]any, 0, len(layers))

@@ -16,6 +16,10 @@ import (
 // run at the same time, each on its own loop device, and removing them
 // plus the image and GC must leave nothing behind.
 func TestContainerdManyContainers(t *testing.T) {
+	forEachDaemonMode(t, ctdManyContainers)
+}
+
+func ctdManyContainers(t *testing.T, d ctdDaemon, mode string) {
 	n := 100
 	if v := os.Getenv("LOOPKIT_SNAP_CONTAINERS"); v != "" {
 		var err error
@@ -23,7 +27,7 @@ func TestContainerdManyContainers(t *testing.T) {
 			t.Fatalf("LOOPKIT_SNAP_CONTAINERS=%q", v)
 		}
 	}
-	e := ctdStart(t, "mode = \"flat\"\ndefault_size = \"128MiB\"\n")
+	e := ctdStart(t, d, mode, "default_size = \"128MiB\"\n")
 	e.importImage(ctdImageRef)
 
 	ids := make([]string, n)

@@ -19,7 +19,7 @@ import (
 )
 
 // criRepoRoot returns the module root (the directory holding go.mod).
-func criRepoRoot(t *testing.T) string {
+func criRepoRoot(t testing.TB) string {
 	t.Helper()
 	dir, err := os.Getwd()
 	if err != nil {
@@ -39,7 +39,7 @@ func criRepoRoot(t *testing.T) string {
 
 // criGoBuild builds the main package pkg (relative to the repository root)
 // into dir and returns the binary's path.
-func criGoBuild(t *testing.T, repo, pkg, dir string) string {
+func criGoBuild(t testing.TB, repo, pkg, dir string) string {
 	t.Helper()
 	out := filepath.Join(dir, filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-o", out, "./"+pkg)
@@ -90,8 +90,41 @@ type criProc struct {
 	err  error
 }
 
-func criStart(t *testing.T, name, logPath string, env []string, argv ...string) *criProc {
+func criStart(t testing.TB, name, logPath string, env []string, argv ...string) *criProc {
 	t.Helper()
+	return criStartActivated(t, name, logPath, env, nil, argv...)
+}
+
+// criBindSocket binds and listens on a unix socket as systemd does for a
+// .socket unit, and returns the listening socket as a file to pass on.
+func criBindSocket(t *testing.T, path string) *os.File {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The file is a dup; the socket path stays after the listener closes,
+	// as with RemoveOnStop=no.
+	l.SetUnlinkOnClose(false)
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close(); os.Remove(path) })
+	return f
+}
+
+// criStartActivated is criStart passing listen (when not nil) as fd 3 with
+// LISTEN_FDS=1 and LISTEN_PID set to the child's pid, the socket-activation
+// protocol. LISTEN_PID must be the child's own pid, known only after fork:
+// the child is started through sh, which sets it and execs the daemon.
+func criStartActivated(t testing.TB, name, logPath string, env []string, listen *os.File, argv ...string) *criProc {
+	t.Helper()
+	if listen != nil {
+		argv = append([]string{"/bin/sh", "-c", `export LISTEN_PID=$$; exec "$@"`, "sh"}, argv...)
+		env = append(env, "LISTEN_FDS=1", "LISTEN_FDNAMES=loop-snapshotter.socket")
+	}
 	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
@@ -105,6 +138,9 @@ func criStart(t *testing.T, name, logPath string, env []string, argv ...string) 
 	// process itself dies (killed, SIGPIPE), the daemons get SIGTERM, their
 	// graceful stop, instead of running on.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if listen != nil {
+		cmd.ExtraFiles = []*os.File{listen} // fd 3, SD_LISTEN_FDS_START
+	}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start %s: %v", name, err)
@@ -155,7 +191,7 @@ func (p *criProc) tail(n int) string {
 
 // criWaitSocket waits until a unix socket accepts connections, failing early
 // if the daemon that should serve it exits.
-func criWaitSocket(t *testing.T, p *criProc, sock string, timeout time.Duration) {
+func criWaitSocket(t testing.TB, p *criProc, sock string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

@@ -44,7 +44,7 @@ func (b criBlob) descriptor() map[string]any {
 
 // criTarLayer builds an uncompressed layer tar. Uncompressed layers keep the
 // digest and the diff id equal, which containerd accepts for OCI images.
-func criTarLayer(t *testing.T, files []criLayerFile) criBlob {
+func criTarLayer(t testing.TB, files []criLayerFile) criBlob {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -79,7 +79,7 @@ func criTarLayer(t *testing.T, files []criLayerFile) criBlob {
 	return criBlob{mediaType: "application/vnd.oci.image.layer.v1.tar", data: buf.Bytes()}
 }
 
-func criJSONBlob(t *testing.T, mediaType string, v any) criBlob {
+func criJSONBlob(t testing.TB, mediaType string, v any) criBlob {
 	t.Helper()
 	data, err := json.Marshal(v)
 	if err != nil {

@@ -18,10 +18,13 @@ import (
 )
 
 // criNode is a private Kubernetes node runtime: loop-snapshotter plus a
-// containerd 1.6 with CRI, both under one temporary directory, never the
-// system daemons' paths.
+// containerd (1.6 or 2.x) with CRI, both under one temporary directory,
+// never the system daemons' paths.
 type criNode struct {
 	t            *testing.T
+	d            ctdDaemon
+	mode         string
+	shimDir      string
 	dir          string
 	sock         string // containerd gRPC socket (CRI and ctr)
 	ctrdRoot     string
@@ -35,12 +38,19 @@ type criNode struct {
 	snapCfg      string
 	snapStarts   int
 	notify       *net.UnixConn
+	listen       *os.File // socket passed with LISTEN_FDS (socketActivation)
+	ctrdCfg      string
+	ctrdStarts   int
 	snap, ctrd   *criProc
 }
 
-// criContribConfig is the documented containerd 1.6 snippet the test
-// starts from, so the file users copy is the file that is tested.
-const criContribConfig = "contrib/containerd/config-v2-containerd-1.6.toml"
+// criContribConfig and criContribConfig2 are the documented containerd 1.6
+// and 2.x snippets the tests start from, so the files users copy are the
+// files that are tested.
+const (
+	criContribConfig  = "contrib/containerd/config-v2-containerd-1.6.toml"
+	criContribConfig2 = "contrib/containerd/config-v4-containerd-2.x.toml"
+)
 
 // criStartNode builds loop-snapshotter, starts it and a containerd whose
 // configuration is contrib's 1.6 snippet plus private paths, and waits until
@@ -50,16 +60,42 @@ const criContribConfig = "contrib/containerd/config-v2-containerd-1.6.toml"
 // TOML document) before it is written.
 func criStartNode(t *testing.T, dir, sandboxImage string, tweak func(cfg map[string]any)) *criNode {
 	t.Helper()
-	return criStartNodeMode(t, dir, sandboxImage, "flat", tweak)
+	d := ctdDaemons(t)[0]
+	d.require(t)
+	return criStartNodeOn(t, dir, d, "flat", sandboxImage, criNodeOptions{tweak: tweak})
 }
 
 // criStartNodeMode is criStartNode with loop-snapshotter in the given
-// storage mode.
+// storage mode (containerd 1.6).
 func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(cfg map[string]any)) *criNode {
 	t.Helper()
+	d := ctdDaemons(t)[0]
+	d.require(t)
+	return criStartNodeOn(t, dir, d, mode, sandboxImage, criNodeOptions{tweak: tweak})
+}
+
+// criNodeOptions change how criStartNodeOn starts the node.
+type criNodeOptions struct {
+	// tweak, when not nil, may change the containerd configuration.
+	tweak func(cfg map[string]any)
+	// socketActivation: the test binds the snapshotter's socket and holds
+	// it, as systemd's loop-snapshotter.socket does, and every snapshotter
+	// start serves on it (LISTEN_FDS), so containerd may start first
+	// (restartContainerdFirst).
+	socketActivation bool
+}
+
+// criStartNodeOn is criStartNode for containerd release d and snapshotter
+// mode.
+func criStartNodeOn(t *testing.T, dir string, d ctdDaemon, mode, sandboxImage string, o criNodeOptions) *criNode {
+	t.Helper()
 	repo := criRepoRoot(t)
+	tweak := o.tweak
 	n := &criNode{
 		t:            t,
+		d:            d,
+		mode:         mode,
+		shimDir:      ctdShortDir(t),
 		dir:          dir,
 		sock:         filepath.Join(dir, "run", "containerd.sock"),
 		ctrdRoot:     filepath.Join(dir, "root"),
@@ -92,21 +128,22 @@ func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(c
 	n.snapBin = snapBin
 	n.snapCfg = filepath.Join(dir, "etc", "loop-snapshotter.toml")
 	// 256 MiB keeps every mkfs and clone small; images are sparse anyway.
-	if err := os.WriteFile(n.snapCfg, []byte("mode = \""+mode+"\"\ndefault_size = \"256MiB\"\n"), 0o644); err != nil {
+	if err := os.WriteFile(n.snapCfg, []byte(snapModeConfig(t, mode)+"default_size = \"256MiB\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	n.notify = criNotifySocket(t, filepath.Join(dir, "run", "notify.sock"))
 	t.Cleanup(func() { n.stopSnapshotter() })
+	if o.socketActivation {
+		n.listen = criBindSocket(t, n.snapSock)
+	}
 	n.startSnapshotter()
 
-	ctrdCfg := filepath.Join(dir, "etc", "containerd.toml")
-	if err := os.WriteFile(ctrdCfg, n.containerdConfig(t, repo, tweak), 0o600); err != nil {
+	n.ctrdCfg = filepath.Join(dir, "etc", "containerd.toml")
+	if err := os.WriteFile(n.ctrdCfg, n.containerdConfig(t, repo, tweak), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	n.ctrd = criStart(t, "containerd", filepath.Join(dir, "logs", "containerd.log"), nil,
-		"containerd", "--config", ctrdCfg, "--log-level", "debug")
 	t.Cleanup(func() { n.stopContainerd() })
-	criWaitSocket(t, n.ctrd, n.sock, 60*time.Second)
+	n.startContainerd()
 
 	n.crictlConfig = filepath.Join(dir, "etc", "crictl.yaml")
 	ep := "unix://" + n.sock
@@ -131,15 +168,43 @@ func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(c
 	return n
 }
 
+// startContainerd starts containerd and waits for its socket.
+func (n *criNode) startContainerd() {
+	n.t.Helper()
+	n.ctrdStarts++
+	n.ctrd = criStart(n.t, "containerd", filepath.Join(n.dir, "logs", fmt.Sprintf("containerd.%d.log", n.ctrdStarts)), n.d.env(),
+		n.d.containerd, "--config", n.ctrdCfg, "--log-level", "debug")
+	criWaitSocket(n.t, n.ctrd, n.sock, 60*time.Second)
+}
+
+// restartContainerdFirst stops both daemons, then starts containerd (with
+// CRI) and waits until it serves before it execs the snapshotter: the boot
+// order that loses CRI's images unless the snapshotter's socket already
+// accepts. It returns containerd's log from that start.
+func (n *criNode) restartContainerdFirst() string {
+	n.t.Helper()
+	n.stopContainerd()
+	n.stopSnapshotter()
+	n.startContainerd()
+	n.startSnapshotter()
+	n.waitCRI()
+	return n.ctrd.log
+}
+
 // startSnapshotter starts loop-snapshotter as systemd starts the
 // Type=notify unit and waits for READY=1, after which the socket must accept
 // connections at once: containerd is started right after READY.
 func (n *criNode) startSnapshotter() {
 	n.t.Helper()
 	n.snapStarts++
-	n.snap = criStart(n.t, "loop-snapshotter", filepath.Join(n.dir, "logs", fmt.Sprintf("loop-snapshotter.%d.log", n.snapStarts)),
-		[]string{"NOTIFY_SOCKET=" + n.notify.LocalAddr().String()},
-		n.snapBin, "--config", n.snapCfg, "--root", n.snapRoot, "--address", n.snapSock, "--log-level", "debug")
+	logPath := filepath.Join(n.dir, "logs", fmt.Sprintf("loop-snapshotter.%d.log", n.snapStarts))
+	argv := []string{n.snapBin, "--config", n.snapCfg, "--root", n.snapRoot, "--address", n.snapSock, "--log-level", "debug"}
+	env := []string{"NOTIFY_SOCKET=" + n.notify.LocalAddr().String()}
+	if n.listen != nil {
+		n.snap = criStartActivated(n.t, "loop-snapshotter", logPath, env, n.listen, argv...)
+	} else {
+		n.snap = criStart(n.t, "loop-snapshotter", logPath, env, argv...)
+	}
 	criWaitReady(n.t, n.snap, n.notify, 60*time.Second)
 	c, err := net.Dial("unix", n.snapSock)
 	if err != nil {
@@ -182,6 +247,9 @@ type criSnapshotEntry struct {
 // every daemon path and the CRI test settings replaced or added.
 func (n *criNode) containerdConfig(t *testing.T, repo string, tweak func(map[string]any)) []byte {
 	t.Helper()
+	if n.d.major >= 2 {
+		return n.containerdConfig2(t, repo, tweak)
+	}
 	raw, err := os.ReadFile(filepath.Join(repo, criContribConfig))
 	if err != nil {
 		t.Fatal(err)
@@ -244,6 +312,144 @@ func (n *criNode) containerdConfig(t *testing.T, repo string, tweak func(map[str
 	return out
 }
 
+// containerdConfig2 returns contrib's 2.x snippet (config version 4, the
+// form `containerd config migrate` prints) with the proxy address, every
+// daemon path and the CRI test settings replaced or added.
+func (n *criNode) containerdConfig2(t *testing.T, repo string, tweak func(map[string]any)) []byte {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(repo, criContribConfig2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := toml.Unmarshal(raw, &cfg); err != nil {
+		t.Fatalf("%s: %v", criContribConfig2, err)
+	}
+	if v, _ := cfg["version"].(int64); v != 4 {
+		t.Fatalf("%s: version = %v, want 4", criContribConfig2, cfg["version"])
+	}
+	proxy := criTable(t, cfg, "proxy_plugins", "loop")
+	if proxy["type"] != "snapshot" || proxy["address"] != "/run/loop-snapshotter/loop-snapshotter.sock" {
+		t.Fatalf("%s: proxy_plugins.loop = %v", criContribConfig2, proxy)
+	}
+	proxy["address"] = n.snapSock
+	// CRI 2.x reports exports.root as the image filesystem.
+	criTable(t, proxy, "exports")["root"] = n.snapRoot
+	images := criTable(t, cfg, "plugins", "io.containerd.cri.v1.images")
+	if images["snapshotter"] != n.snapshotter {
+		t.Fatalf("%s: CRI snapshotter = %v, want %q", criContribConfig2, images["snapshotter"], n.snapshotter)
+	}
+	if criTable(t, images, "pinned_images")["sandbox"] == nil {
+		t.Fatalf("%s: no pinned_images.sandbox", criContribConfig2)
+	}
+	if len(criUnpackSnapshotters(t, cfg)) == 0 {
+		t.Fatalf("%s: no transfer unpack_config entry", criContribConfig2)
+	}
+
+	cfg["root"] = n.ctrdRoot
+	cfg["state"] = filepath.Join(n.dir, "state")
+	cfg["temp"] = filepath.Join(n.dir, "tmp")
+	plugins := criTable(t, cfg, "plugins")
+	criTable(t, plugins, "io.containerd.server.v1.grpc")["address"] = n.sock
+	criTable(t, plugins, "io.containerd.server.v1.ttrpc")["address"] = n.sock + ".ttrpc"
+	cfg["disabled_plugins"] = []string{
+		"io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+		"io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp",
+	}
+	criTable(t, plugins, "io.containerd.internal.v1.opt")["path"] = filepath.Join(n.dir, "opt")
+	criTable(t, plugins, "io.containerd.shim.v1.manager")["socket_dir"] = n.shimDir
+	criTable(t, plugins, "io.containerd.nri.v1.nri")["disable"] = true
+	criTable(t, images, "pinned_images")["sandbox"] = n.sandboxImage
+	images["stats_collect_period"] = 1
+	rt := criTable(t, plugins, "io.containerd.cri.v1.runtime")
+	// As in 1.6: clamp oom_score_adj where CAP_SYS_RESOURCE is missing
+	// (the snippet's commented setting).
+	rt["restrict_oom_score_adj"] = true
+	cni := criTable(t, rt, "cni")
+	cni["bin_dirs"] = []string{filepath.Join(n.dir, "cni", "bin")}
+	cni["conf_dir"] = filepath.Join(n.dir, "cni", "conf")
+	ctrd := criTable(t, rt, "containerd")
+	ctrd["default_runtime_name"] = "runc"
+	runc := criTable(t, ctrd, "runtimes", "runc")
+	runc["runtime_type"] = "io.containerd.runc.v2"
+	criTable(t, runc, "options")["SystemdCgroup"] = false
+	criTable(t, runc, "options")["Root"] = filepath.Join(n.dir, "runc")
+	cri := criTable(t, plugins, "io.containerd.grpc.v1.cri")
+	cri["stream_server_address"] = "127.0.0.1"
+	cri["stream_server_port"] = "0"
+	if tweak != nil {
+		tweak(cfg)
+	}
+	out, err := toml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// criUnpackSnapshotters lists the snapshotters of the transfer service's
+// unpack_config entries.
+func criUnpackSnapshotters(t *testing.T, cfg map[string]any) []string {
+	t.Helper()
+	entries, _ := criTable(t, cfg, "plugins", "io.containerd.transfer.v1.local")["unpack_config"].([]any)
+	var out []string
+	for _, e := range entries {
+		if m, ok := e.(map[string]any); ok {
+			out = append(out, fmt.Sprint(m["snapshotter"]))
+		}
+	}
+	return out
+}
+
+// criPod is a pod sandbox with one running container, started by runPod.
+type criPod struct {
+	id, cid        string
+	podPid, ctrPid int // the sandbox's and the container's init processes
+	config         string
+}
+
+// runPod starts a host-network pod named name with one container on the
+// test image running command, with CRI runtime handler handler ("" for
+// the default), and returns its ids and processes.
+func (n *criNode) runPod(name, handler string, command ...string) criPod {
+	n.t.Helper()
+	p := criPod{config: criPodConfig(n.t, n.dir, name, nil)}
+	ctrCfg := criWriteJSON(n.t, n.dir, name+"-container.json", map[string]any{
+		"metadata": map[string]any{"name": name + "-main"},
+		"image":    map[string]any{"image": criImageRef},
+		"command":  command,
+		"log_path": name + ".log",
+		"linux":    map[string]any{},
+	})
+	args := []string{"runp"}
+	if handler != "" {
+		args = append(args, "--runtime", handler)
+	}
+	p.id = strings.TrimSpace(n.crictlRun(append(args, p.config)...))
+	p.cid = strings.TrimSpace(n.crictlRun("create", p.id, ctrCfg, p.config))
+	n.crictlRun("start", p.cid)
+	var insp struct {
+		Info struct {
+			Pid int `json:"pid"`
+		} `json:"info"`
+	}
+	n.crictlJSON(&insp, "inspect", p.cid)
+	p.ctrPid = insp.Info.Pid
+	insp.Info.Pid = 0
+	n.crictlJSON(&insp, "inspectp", p.id)
+	p.podPid = insp.Info.Pid
+	return p
+}
+
+// removePod stops and removes the pod and its container, as kubelet does.
+func (n *criNode) removePod(p criPod) {
+	n.t.Helper()
+	n.crictlRun("stop", "--timeout", "0", p.cid)
+	n.crictlRun("rm", p.cid)
+	n.crictlRun("stopp", p.id)
+	n.crictlRun("rmp", p.id)
+}
+
 // criTable walks (and creates) nested TOML tables.
 func criTable(t *testing.T, m map[string]any, keys ...string) map[string]any {
 	t.Helper()
@@ -287,7 +493,7 @@ func (n *criNode) crictlJSON(v any, args ...string) {
 
 func (n *criNode) ctr(args ...string) string {
 	n.t.Helper()
-	return criRun(n.t, 2*time.Minute, append([]string{"ctr", "--address", n.sock, "--namespace", "k8s.io"}, args...)...)
+	return criRun(n.t, 2*time.Minute, append([]string{n.d.ctr, "--address", n.sock, "--namespace", "k8s.io"}, args...)...)
 }
 
 // waitCRI waits until the CRI runtime reports RuntimeReady (network

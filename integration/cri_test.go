@@ -19,19 +19,25 @@ import (
 
 const criImageRef = "loopkit.test/cri-busybox:v1"
 
-// TestCRIPodOnLoopRootfs is the Kubernetes node path: containerd 1.6's CRI
-// plugin configured with snapshotter = "loop" (contrib's snippet), driven by
-// crictl. A host-network pod runs on a sandbox image the test builds; its
+// TestCRIPodOnLoopRootfs is the Kubernetes node path, on containerd 1.6 and
+// 2.x in every snapshotter mode: the CRI plugin configured with snapshotter
+// = "loop" (contrib's snippet for the release), driven by crictl. A host-network pod runs on a sandbox image the test builds; its
 // container's root filesystem must be an ext4 on a loop device of the
 // snapshotter, CRI's stats must see the snapshotter's usage, and removing
 // the pod and the image must leave no device, mount or process behind.
 func TestCRIPodOnLoopRootfs(t *testing.T) {
+	forEachDaemonMode(t, func(t *testing.T, d ctdDaemon, mode string) {
+		criPodOnLoopRootfs(t, d, mode, criNodeOptions{})
+	})
+}
+
+func criPodOnLoopRootfs(t *testing.T, d ctdDaemon, mode string, o criNodeOptions) {
 	testutil.RequireRoot(t)
-	testutil.RequireBinaries(t, "containerd", "containerd-shim-runc-v2", "runc", "ctr", "busybox", "mkfs.ext4", "go")
+	testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 	dir := t.TempDir()
 	testutil.NoLeaks(t, dir)
 
-	n := criStartNode(t, dir, criImageRef, nil)
+	n := criStartNodeOn(t, dir, d, mode, criImageRef, o)
 
 	// What docs/operations.md tells admins to check.
 	plugins := n.ctr("plugins", "ls")
@@ -43,36 +49,14 @@ func TestCRIPodOnLoopRootfs(t *testing.T) {
 
 	busybox := n.importTestImage()
 
-	podCfg := criPodConfig(t, dir, "loopkit-cri", nil)
 	// The container writes 16 MiB into its root filesystem, flushes it to
 	// the loop device and marks completion; the usage check waits for it.
-	ctrCfg := criWriteJSON(t, dir, "container.json", map[string]any{
-		"metadata": map[string]any{"name": "writer"},
-		"image":    map[string]any{"image": criImageRef},
-		"command":  []string{"/bin/sh", "-c", "dd if=/dev/zero of=/fill bs=1048576 count=16 && sync && touch /done && exec sleep 1000000"},
-		"log_path": "writer.log",
-		"linux":    map[string]any{},
-	})
-
-	podID := strings.TrimSpace(n.crictlRun("runp", podCfg))
-	cid := strings.TrimSpace(n.crictlRun("create", podID, ctrCfg, podCfg))
-	n.crictlRun("start", cid)
+	pod := n.runPod("loopkit-cri", "", "/bin/sh", "-c", "dd if=/dev/zero of=/fill bs=1048576 count=16 && sync && touch /done && exec sleep 1000000")
+	cid := pod.cid
 
 	// Root filesystems: the container's and the sandbox's.
-	var insp struct {
-		Info struct {
-			Pid int `json:"pid"`
-		} `json:"info"`
-	}
-	n.crictlJSON(&insp, "inspect", cid)
-	ctrDev := criCheckLoopRoot(t, n, "container", insp.Info.Pid)
-	var inspp struct {
-		Info struct {
-			Pid int `json:"pid"`
-		} `json:"info"`
-	}
-	n.crictlJSON(&inspp, "inspectp", podID)
-	podDev := criCheckLoopRoot(t, n, "sandbox", inspp.Info.Pid)
+	ctrDev := criCheckLoopRoot(t, n, "container", pod.ctrPid)
+	podDev := criCheckLoopRoot(t, n, "sandbox", pod.podPid)
 	if ctrDev == podDev {
 		t.Errorf("container and sandbox share root device %s; each snapshot needs its own", ctrDev)
 	}
@@ -93,10 +77,7 @@ func TestCRIPodOnLoopRootfs(t *testing.T) {
 	criCheckStatusAndRestart(t, n, cid, ctrDev)
 
 	// Orderly teardown, as kubelet does it.
-	n.crictlRun("stop", cid)
-	n.crictlRun("rm", cid)
-	n.crictlRun("stopp", podID)
-	n.crictlRun("rmp", podID)
+	n.removePod(pod)
 	n.crictlRun("rmi", criImageRef)
 	criWaitFor(t, "no snapshots left in the loop snapshotter", func() (bool, string) {
 		out := strings.TrimSpace(n.ctr("snapshots", "--snapshotter", n.snapshotter, "ls"))
@@ -177,7 +158,7 @@ func criCheckStatusAndRestart(t *testing.T, n *criNode, cid, ctrDev string) {
 		t.Errorf("after restart the container's snapshot is on %s diskseq %d, before on %s diskseq %d", after.Device, after.DiskSeq, before.Device, before.DiskSeq)
 	}
 	criWaitFor(t, "containerd reaches the restarted snapshotter", func() (bool, string) {
-		out, err := criTry(30*time.Second, "ctr", "--address", n.sock, "--namespace", "k8s.io", "snapshots", "--snapshotter", "loop", "usage", cid)
+		out, err := criTry(30*time.Second, n.d.ctr, "--address", n.sock, "--namespace", "k8s.io", "snapshots", "--snapshotter", "loop", "usage", cid)
 		return err == nil, fmt.Sprint(strings.TrimSpace(out), err)
 	})
 	if st := n.status(); len(st.Orphans) != 0 {
@@ -240,6 +221,29 @@ func criCheckLoopRoot(t *testing.T, n *criNode, what string, pid int) string {
 			continue
 		}
 		fstype, source := fields[sep+1], fields[sep+2]
+		if n.mode != "flat" {
+			// Overlay-based modes: / is an overlay whose layers and upper
+			// live under the snapshotter's root; the upper directory is on
+			// the container's own size-limited ext4 loop device.
+			if fstype != "overlay" || sep+3 >= len(fields) || !strings.Contains(fields[sep+3], "lowerdir="+n.snapRoot+"/") {
+				t.Fatalf("%s (pid %d): / in %s mode is not an overlay of %s's layers:\n%s", what, pid, n.mode, n.snapRoot, s.Text())
+			}
+			var upper string
+			for _, o := range strings.Split(fields[sep+3], ",") {
+				if v, ok := strings.CutPrefix(o, "upperdir="); ok {
+					upper = v
+				}
+			}
+			dev, mp := criMountOf(t, upper)
+			if !strings.HasPrefix(dev, "/dev/loop") {
+				t.Fatalf("%s: upper %s is on %s (mounted at %s), not on a loop device", what, upper, dev, mp)
+			}
+			if b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file")); err != nil || !strings.HasPrefix(strings.TrimSpace(string(b)), n.snapRoot+"/") {
+				t.Errorf("%s: upper device %s is backed by %q (%v), not by an image under %s", what, dev, b, err, n.snapRoot)
+			}
+			t.Logf("%s rootfs: overlay (%s mode), upper on %s at %s", what, n.mode, dev, mp)
+			return dev
+		}
 		if fstype != "ext4" || !strings.HasPrefix(source, "/dev/loop") {
 			t.Fatalf("%s (pid %d): / is %s from %s, want ext4 on /dev/loopN:\n%s", what, pid, fstype, source, s.Text())
 		}
@@ -259,6 +263,32 @@ func criCheckLoopRoot(t *testing.T, n *criNode, what string, pid int) string {
 	}
 	t.Fatalf("%s (pid %d): no / in mountinfo", what, pid)
 	return ""
+}
+
+// criMountOf returns the source and mount point of the host mount that
+// holds path (the longest mount point above it).
+func criMountOf(t *testing.T, path string) (source, mountpoint string) {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 10 {
+			continue
+		}
+		mp := criUnescape(f[4])
+		if mp != path && !strings.HasPrefix(path, strings.TrimSuffix(mp, "/")+"/") || len(mp) <= len(mountpoint) {
+			continue
+		}
+		for i, x := range f {
+			if x == "-" && i+2 < len(f) {
+				source, mountpoint = f[i+2], mp
+			}
+		}
+	}
+	return source, mountpoint
 }
 
 // criFindSnapshot returns the status entry of the snapshot CRI created for

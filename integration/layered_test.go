@@ -99,7 +99,7 @@ func layeredImageTree(list string) string {
 }
 
 // TestContainerdLayered is issue 8's end-to-end path on a private
-// containerd 1.6 in layered mode: import a multi-layer image with a
+// containerd, 1.6 and 2.x, in layered mode: import a multi-layer image with a
 // whiteout, an opaque directory and hard links; run it on an overlay of
 // erofs layers; list the same tree as containerd's overlayfs snapshotter;
 // df shows the size label and writing past it is ENOSPC; a running
@@ -107,8 +107,14 @@ func layeredImageTree(list string) string {
 // `ctr snapshots commit` of a running container work; removing everything
 // and GC leave no mount, device or file.
 func TestContainerdLayered(t *testing.T) {
+	for _, d := range ctdDaemons(t) {
+		t.Run(d.name, func(t *testing.T) { ctdLayered(t, d) })
+	}
+}
+
+func ctdLayered(t *testing.T, d ctdDaemon) {
 	testutil.RequireBinaries(t, "mkfs.erofs", "fsck.erofs")
-	e := ctdStart(t, "mode = \"layered\"\ndefault_size = \"128MiB\"\n")
+	e := ctdStart(t, d, "layered", "default_size = \"128MiB\"\n")
 	archive := filepath.Join(e.dir, "layered.tar")
 	layeredTestImage(t, archive, layeredImageRef)
 	e.ctr("image", "import", "--snapshotter", "loop", archive)

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -98,6 +101,18 @@ func TestBenchSmall(t *testing.T) {
 		t.Skip("needs a temp dir on a real filesystem, not tmpfs")
 	}
 	testutil.NoLeaks(t, parent)
+	testutil.RequireBinaries(t, "cc")
+	// The systemd and loopctl rows run binaries: build them here.
+	bin := t.TempDir()
+	sdloopPool.path, loopctlPath = filepath.Join(bin, "sdloop"), filepath.Join(bin, "loopctl")
+	const lib = "/usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so"
+	if out, err := exec.Command("cc", "-O2", "-o", sdloopPool.path, "sdloop/sdloop.c", lib, "-Wl,-rpath,"+filepath.Dir(lib)).CombinedOutput(); err != nil {
+		t.Fatalf("build sdloop (needs package systemd for %s): %v\n%s", lib, err, out)
+	}
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if out, err := exec.Command(gobin, "build", "-o", loopctlPath, "github.com/loopkit/loopkit/cmd/loopctl").CombinedOutput(); err != nil {
+		t.Fatalf("build loopctl: %v\n%s", err, out)
+	}
 
 	cfg := config{impls: implOrder, workers: []int{1, 3}, n: 9, rounds: 2, size: 8 << 20, dir: parent, settle: 5 * time.Second, timeout: time.Minute}
 	var out, progress bytes.Buffer

@@ -14,11 +14,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
@@ -26,9 +23,8 @@ import (
 	toml "github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 
-	"github.com/loopkit/loopkit/internal/snapservice"
+	"github.com/loopkit/loopkit/internal/server"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -138,11 +134,16 @@ func setupLogging(level string) error {
 	return nil
 }
 
+// serve builds the snapshotter (reconciling its root) and serves it. The
+// signal handler is installed first: a SIGTERM during reconciliation or
+// right after READY=1 must stop the daemon gracefully, not kill it with the
+// default action.
 func serve(o *options) error {
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
+	defer stop()
 	if err := setupLogging(o.cfg.LogLevel); err != nil {
 		return err
 	}
-	ctx := context.Background()
 	if o.configSet {
 		log.G(ctx).WithField("config", o.configPath).Info("configuration loaded")
 	} else if _, err := os.Stat(o.configPath); errors.Is(err, os.ErrNotExist) {
@@ -158,103 +159,8 @@ func serve(o *options) error {
 			}
 		}))
 	}
-	sn, err := snapshot.New(ctx, o.cfg, opts...)
-	if err != nil {
-		return err
-	}
-	defer sn.Close()
-
-	l, err := listen(o.cfg.Address)
-	if err != nil {
-		return err
-	}
-	svc := snapservice.New(sn)
-	srv := grpc.NewServer(svc.ServerOptions()...)
-	svc.Register(srv)
-	registerStatus(srv, sn)
-
-	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(l) }()
-	if o.cfg.MetricsAddress != "" {
-		ml, err := net.Listen("tcp", o.cfg.MetricsAddress)
-		if err != nil {
-			srv.Stop()
-			return fmt.Errorf("metrics listener: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", svc.MetricsHandler())
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-		go func() { errc <- hs.Serve(ml) }()
-		defer hs.Close()
-		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")
-	}
-	log.G(ctx).WithFields(log.Fields{"address": o.cfg.Address, "root": o.cfg.Root, "version": version}).Info("serving")
-	// READY only now: reconciliation ran inside snapshot.New.
-	if err := sdNotify("READY=1"); err != nil {
-		log.G(ctx).WithError(err).Warn("sd_notify READY")
-	}
-
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, unix.SIGTERM, unix.SIGINT)
-	select {
-	case err := <-errc:
-		return err
-	case sig := <-sigc:
-		log.G(ctx).WithField("signal", sig.String()).Info("stopping; loop devices stay attached")
-	}
-	sdNotify("STOPPING=1")
-	done := make(chan struct{})
-	go func() {
-		srv.GracefulStop()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		srv.Stop()
-	}
-	return sn.Close()
-}
-
-// listen creates the socket directory (0700), replaces a stale socket (our
-// root lock is held, so it is not a live instance's) and serves mode 0660.
-func listen(address string) (net.Listener, error) {
-	dir := filepath.Dir(address)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create socket directory: %w", err)
-	}
-	if err := os.Remove(address); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale socket: %w", err)
-	}
-	old := unix.Umask(0o177)
-	l, err := net.Listen("unix", address)
-	unix.Umask(old)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(address, 0o660); err != nil {
-		l.Close()
-		return nil, err
-	}
-	return l, nil
-}
-
-// sdNotify sends state to systemd's notification socket, if any.
-func sdNotify(state string) error {
-	addr := os.Getenv("NOTIFY_SOCKET")
-	if addr == "" {
-		return nil
-	}
-	if addr[0] == '@' {
-		addr = "\x00" + addr[1:] // abstract namespace
-	}
-	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_, err = conn.Write([]byte(state))
-	return err
+	build := func(ctx context.Context) (*snapshot.Snapshotter, error) { return snapshot.New(ctx, o.cfg, opts...) }
+	return server.Run(ctx, server.Options{Address: o.cfg.Address, MetricsAddress: o.cfg.MetricsAddress, Root: o.cfg.Root, Version: version}, build)
 }
 
 // runConfigDump prints the effective configuration (file + flags over the

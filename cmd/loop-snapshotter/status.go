@@ -12,49 +12,11 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/status"
 
+	"github.com/loopkit/loopkit/internal/server"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
-
-// The status service rides on the snapshotter's socket: the running
-// instance holds the metadata database, so only it can answer. Messages are
-// JSON (gRPC content-subtype "json"); no generated code is needed.
-const statusMethod = "/loopkit.snapshotter.v1.Status/Get"
-
-type jsonCodec struct{}
-
-func (jsonCodec) Marshal(v any) ([]byte, error)      { return json.Marshal(v) }
-func (jsonCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
-func (jsonCodec) Name() string                       { return "json" }
-
-func init() { encoding.RegisterCodec(jsonCodec{}) }
-
-type statusServer interface {
-	Status(ctx context.Context) (snapshot.Status, error)
-}
-
-var statusDesc = grpc.ServiceDesc{
-	ServiceName: "loopkit.snapshotter.v1.Status",
-	HandlerType: (*statusServer)(nil),
-	Methods: []grpc.MethodDesc{{
-		MethodName: "Get",
-		Handler: func(srv any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
-			var req struct{}
-			if err := dec(&req); err != nil {
-				return nil, err
-			}
-			st, err := srv.(statusServer).Status(ctx)
-			if err != nil {
-				return nil, err
-			}
-			return &st, nil
-		},
-	}},
-}
-
-func registerStatus(s *grpc.Server, sn statusServer) { s.RegisterService(&statusDesc, sn) }
 
 func runStatus(args []string, stdout io.Writer) error {
 	var asJSON bool
@@ -76,7 +38,7 @@ func runStatus(args []string, stdout io.Writer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var st snapshot.Status
-	if err := conn.Invoke(ctx, statusMethod, &struct{}{}, &st, grpc.CallContentSubtype("json")); err != nil {
+	if err := conn.Invoke(ctx, server.StatusMethod, &struct{}{}, &st, grpc.CallContentSubtype(server.StatusCodec)); err != nil {
 		return fmt.Errorf("query %s: %s", o.cfg.Address, status.Convert(err).Message())
 	}
 	if asJSON {

@@ -15,23 +15,79 @@ import (
 	"github.com/moby/sys/mountinfo"
 )
 
-// RequireRoot skips unless the test runs as root on a host with loop devices.
+// RequireEnv names the switch `make test` sets: with it, a test whose
+// prerequisite is missing fails (naming the tool and how to install it)
+// instead of skipping, so a CI run cannot pass by testing nothing.
+// `make test-unit` and plain `go test` leave it unset and skip.
+const RequireEnv = "LOOPKIT_TEST_REQUIRE"
+
+// installHints says how to get each tool the tests use.
+var installHints = map[string]string{
+	"containerd":              "apt-get install containerd",
+	"containerd-shim-runc-v2": "apt-get install containerd",
+	"ctr":                     "apt-get install containerd",
+	"runc":                    "apt-get install runc",
+	"podman":                  "apt-get install podman",
+	"busybox":                 "apt-get install busybox-static",
+	"mkfs.ext4":               "apt-get install e2fsprogs",
+	"e2fsck":                  "apt-get install e2fsprogs",
+	"resize2fs":               "apt-get install e2fsprogs",
+	"mkfs.xfs":                "apt-get install xfsprogs",
+	"mkfs.erofs":              "apt-get install erofs-utils",
+	"fsck.erofs":              "apt-get install erofs-utils",
+	"mkfs.btrfs":              "apt-get install btrfs-progs",
+	"systemd-analyze":         "apt-get install systemd",
+	"cmp":                     "apt-get install diffutils",
+	"mksquashfs":              "apt-get install squashfs-tools",
+	"mkfs.vfat":               "apt-get install dosfstools",
+	"sfdisk":                  "apt-get install fdisk",
+	"losetup":                 "apt-get install mount",
+	"jq":                      "apt-get install jq",
+	"crictl":                  "make tools (builds bin/tools/crictl)",
+	"staticcheck":             "make tools (builds bin/tools/staticcheck)",
+	"go":                      "install Go 1.26 from go.dev into /usr/local/go",
+}
+
+// Required reports whether missing prerequisites fail rather than skip.
+func Required() bool { return os.Getenv(RequireEnv) == "1" }
+
+// Missing ends the test for a missing prerequisite: a skip with the reason,
+// or under `make test` (RequireEnv=1) a failure naming the tool and how to
+// install it. how may be empty for tools listed in installHints.
+func Missing(t testing.TB, tool, how string) {
+	t.Helper()
+	if how == "" {
+		how = installHints[tool]
+	}
+	msg := "needs " + tool
+	if how != "" {
+		msg += " (" + how + ")"
+	}
+	if Required() {
+		t.Fatalf("%s; %s=1 (make test) turns missing tools into failures", msg, RequireEnv)
+	}
+	t.Skip(msg)
+}
+
+// RequireRoot skips unless the test runs as root on a host with loop
+// devices (fails under RequireEnv).
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/loop-control")
+		Missing(t, "root and /dev/loop-control", "run as root")
 	}
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		t.Skip("needs root and /dev/loop-control")
+		Missing(t, "root and /dev/loop-control", "modprobe loop")
 	}
 }
 
-// RequireBinaries skips unless every named program is on PATH.
+// RequireBinaries skips unless every named program is on PATH (fails under
+// RequireEnv, naming the program and its package).
 func RequireBinaries(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("needs %s", n)
+			Missing(t, n, "")
 		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -137,4 +138,61 @@ func TestDetachWithWait(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUnbound(t, d.Record(), 10*time.Second)
+}
+
+// TestListingOpensNothing: List and FindByBacking read sysfs only. An open
+// of another owner's device by a lister turns that owner's concurrent
+// LOOP_CLR_FD into a lazy autoclear, and a stat of a backing on a hung FUSE
+// or NFS mount hangs the lister. inotify reports every open of the device
+// node; Inspect, which does open it, proves the watch sees opens.
+func TestListingOpensNothing(t *testing.T) {
+	dir := rootDir(t)
+	img := newImage(t, dir, "watched.img", 4<<20)
+	d := attachT(t, img, Options{})
+	settleUdev()
+	in, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+	if err != nil {
+		t.Fatalf("inotify_init1: %v", err)
+	}
+	defer unix.Close(in)
+	if _, err := unix.InotifyAddWatch(in, d.Path(), unix.IN_OPEN); err != nil {
+		t.Fatalf("inotify_add_watch %s: %v", d.Path(), err)
+	}
+	opens := func() int {
+		n := 0
+		buf := make([]byte, 4096)
+		for {
+			m, err := unix.Read(in, buf)
+			if err != nil || m <= 0 {
+				return n
+			}
+			for off := 0; off+unix.SizeofInotifyEvent <= m; {
+				ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+				if ev.Mask&unix.IN_OPEN != 0 {
+					n++
+				}
+				off += unix.SizeofInotifyEvent + int(ev.Len)
+			}
+		}
+	}
+	all, err := List(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if infos, err := FindByBacking(img, d.BackingID()); err != nil || len(infos) != 1 {
+		t.Fatalf("FindByBacking: %v, %v", infos, err)
+	}
+	if n := opens(); n != 0 {
+		t.Errorf("List and FindByBacking opened %s %d times", d.Path(), n)
+	}
+	for _, i := range all {
+		if i.Devnum == d.Devnum() {
+			if _, err := Inspect(i); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := opens(); n == 0 {
+		t.Error("the watch saw no open from Inspect: it proves nothing")
+	}
 }
