@@ -72,37 +72,18 @@ func ctdLoopSnapshotter(t *testing.T, d ctdDaemon, mode string) {
 	}
 
 	// A container keeps writing to its rootfs across snapshotter restarts.
-	e.ctr(e.runArgs("-d", ctdImageRef, "live", "sh", "-c",
-		"i=0; while true; do i=$((i+1)); echo $i > /count; sync; sleep 0.05; done")...)
-	count := func() int {
-		t.Helper()
-		time.Sleep(300 * time.Millisecond)
-		s := strings.TrimSpace(e.ctr("task", "exec", "--exec-id", "c"+strconv.FormatInt(time.Now().UnixNano(), 36), "live", "cat", "/count"))
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("read /count: %q", s)
-		}
-		return n
-	}
-	progress := func(what string, last int) int {
-		t.Helper()
-		n := count()
-		if n <= last {
-			t.Fatalf("%s: container stopped writing (%d -> %d)", what, last, n)
-		}
-		return n
-	}
-	c := progress("before restart", 0)
+	progress := ctdLiveWriter(t, e, ctdImageRef, "live")
+	progress("before restart")
 	if err := e.snap.stop(); err != nil {
 		t.Fatal(err)
 	}
-	c = progress("snapshotter stopped", c)
+	progress("snapshotter stopped")
 	e.restartSnapshotter()
-	c = progress("snapshotter restarted", c)
+	progress("snapshotter restarted")
 	e.snap.kill()
-	c = progress("snapshotter killed", c)
+	progress("snapshotter killed")
 	e.restartSnapshotter()
-	c = progress("snapshotter restarted after SIGKILL", c)
+	progress("snapshotter restarted after SIGKILL")
 	// containerd redials with backoff: wait until it reaches the new process.
 	ctdWaitSnapshotter(t, e)
 	// The restarted snapshotter adopted the running container's device.
@@ -130,7 +111,7 @@ func ctdLoopSnapshotter(t *testing.T, d ctdDaemon, mode string) {
 	case mode != config.ModeFlat && !slices.Contains(ctdTarNames(t, out), "count"):
 		t.Errorf("%s mode: diff of the running container lacks /count", mode)
 	}
-	progress("after the refused diff", c)
+	progress("after the refused diff")
 
 	// Stop and remove everything; GC must leave nothing behind.
 	e.ctr("task", "kill", "-s", "SIGKILL", "live")
