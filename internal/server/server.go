@@ -127,6 +127,12 @@ func Run(ctx context.Context, o Options, build Build) error {
 	if err != nil {
 		p.set(nil)
 		srv.Stop()
+		if ctx.Err() != nil {
+			// Stopped during reconciliation: a requested stop, not a
+			// failure; the next start reconciles again.
+			log.G(ctx).WithError(err).WithField("cause", context.Cause(ctx)).Info("stopped before serving")
+			return nil
+		}
 		return err
 	}
 	p.set(sn)

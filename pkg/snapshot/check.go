@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/loopkit/loopkit/internal/ext4"
 )
@@ -32,7 +33,7 @@ const damagedMarker = "damaged"
 // It never writes beyond the replay. Both modes call it: flat mode on the
 // image at Commit, layered mode on the upper filesystem before it is read.
 func checkFilesystem(ctx context.Context, image string) (replayed bool, err error) {
-	sb, err := ext4.ReadFile(image)
+	sb, err := readSuperblock(image)
 	if err != nil {
 		return false, err
 	}
@@ -47,7 +48,7 @@ func checkFilesystem(ctx context.Context, image string) (replayed bool, err erro
 			return false, fmt.Errorf("%s: journal replay failed (e2fsck exit status %d: %s): %w", image, code, lastLine(out), errdefs.ErrDataLoss)
 		}
 		replayed = true
-		if sb, err = ext4.ReadFile(image); err != nil {
+		if sb, err = readSuperblock(image); err != nil {
 			return replayed, err
 		}
 		if sb.NeedsRecovery() {
@@ -122,4 +123,22 @@ func damagedReason(image string) (string, bool) {
 		return "", false
 	}
 	return strings.TrimSpace(string(b)), true
+}
+
+// readSuperblock reads the image's ext4 superblock as the device last
+// wrote it. A loop device with direct I/O writes around the image file's
+// page cache, so clean pages cached from an earlier read can be stale:
+// they are dropped first (FADV_DONTNEED drops only clean pages).
+func readSuperblock(image string) (ext4.Superblock, error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return ext4.Superblock{}, err
+	}
+	defer f.Close()
+	_ = unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	sb, err := ext4.Read(f)
+	if err != nil {
+		return ext4.Superblock{}, fmt.Errorf("%s: %w", image, err)
+	}
+	return sb, nil
 }

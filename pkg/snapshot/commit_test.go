@@ -19,8 +19,8 @@ import (
 )
 
 // prepareWritten prepares key, mounts it, writes one file and unmounts it;
-// it returns the image path.
-func prepareWritten(t *testing.T, s *Snapshotter, base, key string) string {
+// it returns the image path and the snapshot's device.
+func prepareWritten(t *testing.T, s *Snapshotter, base, key string) (image, device string) {
 	t.Helper()
 	ms, err := s.Prepare(context.Background(), key, "")
 	if err != nil {
@@ -32,7 +32,7 @@ func prepareWritten(t *testing.T, s *Snapshotter, base, key string) string {
 		t.Fatal(err)
 	}
 	unmount()
-	return s.imagePath(imageID(t, s, key))
+	return s.imagePath(imageID(t, s, key)), ms[0].Source
 }
 
 func debugfsWrite(t *testing.T, image string, cmds ...string) {
@@ -64,8 +64,11 @@ func TestCommitRefusesDamagedImage(t *testing.T) {
 		// Not marked clean, and a link count e2fsck -p would silently fix.
 		{"inconsistent", "e2fsck found errors it would have to correct", []string{"sif /f links_count 5", "ssv state 0"}},
 	} {
-		image := prepareWritten(t, s, base, tc.key)
-		debugfsWrite(t, image, tc.damage...)
+		image, device := prepareWritten(t, s, base, tc.key)
+		// Through the device, as the kernel's ext4 writes it: a write to
+		// the image file beside the attached device went unseen by Commit
+		// once in a loaded run (cause not established).
+		debugfsWrite(t, device, tc.damage...)
 		err := s.Commit(ctx, tc.key+"-c", tc.key)
 		if !errdefs.IsDataLoss(err) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), image) || !strings.Contains(err.Error(), "kept for inspection") {
 			t.Errorf("%s: commit: %v, want DataLoss %q naming %s", tc.key, err, tc.want, image)
@@ -225,7 +228,7 @@ func TestCommitReportsHolder(t *testing.T) {
 	unmount()
 	err = s.Commit(ctx, "c", "a")
 	ns, _ := os.Readlink("/proc/" + strconv.Itoa(holder.Process.Pid) + "/ns/mnt")
-	want := "pid " + strconv.Itoa(holder.Process.Pid) + " (" + ns + ") at " + m
+	want := "pid " + strconv.Itoa(holder.Process.Pid) + " sleep (" + ns + ") at " + m
 	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), want) {
 		t.Errorf("commit with a mount copy elsewhere: %v, want FailedPrecondition naming %q", err, want)
 	}

@@ -302,10 +302,12 @@ func (d *devices) detachForCommit(ctx context.Context, k devKey, image string) e
 // mountedGrace is how long Commit retries a device that is still mounted
 // somewhere before it reports the holder: long enough for a mount
 // namespace that a container start copied while the snapshot was mounted
-// to pivot away, short enough not to hold containerd's metadata
-// transaction (containerd 1.6 keeps its bolt write transaction open across
-// the backend's Commit, so every other write waits meanwhile).
-const mountedGrace = 200 * time.Millisecond
+// (runc init, before it pivots away and drops the copy) to let go, short
+// enough not to hold containerd's metadata transaction for seconds
+// (containerd 1.6 keeps its bolt write transaction open across the
+// backend's Commit, so every other write waits meanwhile; the old 3 s
+// retry stalled a concurrent label update 2.7 s).
+const mountedGrace = time.Second
 
 // openerGrace bounds the wait for the kernel to unbind a cleared device
 // that another opener still holds. The usual opener is udev's probe after

@@ -40,7 +40,8 @@ func mountImageFile(t *testing.T, img, fstype, mnt string) func() {
 		if err := unix.Unmount(mnt, 0); err != nil {
 			t.Errorf("unmount %s: %v", mnt, err)
 		}
-		if err := dev.Detach(ctx); err != nil {
+		// Wait: udev or a lister may hold the device for a moment.
+		if err := dev.DetachWith(ctx, loopdev.DetachOptions{Wait: true}); err != nil {
 			t.Errorf("detach %s: %v", dev.Path(), err)
 		}
 	}

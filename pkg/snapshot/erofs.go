@@ -15,8 +15,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
-
-	"github.com/loopkit/loopkit/internal/ext4"
 )
 
 // Layer backings: how an erofs layer image is mounted.
@@ -189,7 +187,7 @@ var ErrUpperErrors = errors.New("upper filesystem has recorded errors")
 // failed. The upper is mounted, so this is the check that applies; the
 // image is kept for inspection.
 func upperErrors(image string) error {
-	sb, err := ext4.ReadFile(image)
+	sb, err := readSuperblock(image)
 	if err != nil {
 		return err
 	}

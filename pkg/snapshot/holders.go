@@ -17,12 +17,13 @@ import (
 // that has the device open.
 type holder struct {
 	pid     int
+	comm    string // the process's name
 	mountNS string // "mnt:[4026531841]"
 	where   string // mount point in that namespace, or "open fd"
 }
 
 func (h holder) String() string {
-	return fmt.Sprintf("pid %d (%s) at %s", h.pid, h.mountNS, h.where)
+	return fmt.Sprintf("pid %d %s (%s) at %s", h.pid, h.comm, h.mountNS, h.where)
 }
 
 // maxHolders bounds how many holders an error names.
@@ -54,7 +55,7 @@ func findHolders(devnum loopdev.Devnum, devPath string, openers bool) []holder {
 				})
 				f.Close()
 				if len(mounts) > 0 {
-					out = append(out, holder{pid: pid, mountNS: ns, where: mounts[0].Mountpoint})
+					out = append(out, holder{pid: pid, comm: comm(p), mountNS: ns, where: mounts[0].Mountpoint})
 				}
 			}
 		}
@@ -62,7 +63,7 @@ func findHolders(devnum loopdev.Devnum, devPath string, openers bool) []holder {
 			fds, _ := os.ReadDir(p + "/fd")
 			for _, fd := range fds {
 				if t, err := os.Readlink(p + "/fd/" + fd.Name()); err == nil && t == devPath {
-					out = append(out, holder{pid: pid, mountNS: ns, where: "open fd " + fd.Name()})
+					out = append(out, holder{pid: pid, comm: comm(p), mountNS: ns, where: "open fd " + fd.Name()})
 					break
 				}
 			}
@@ -70,6 +71,11 @@ func findHolders(devnum loopdev.Devnum, devPath string, openers bool) []holder {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].pid < out[j].pid })
 	return out
+}
+
+func comm(procDir string) string {
+	b, _ := os.ReadFile(procDir + "/comm")
+	return strings.TrimSpace(string(b))
 }
 
 // describeHolders renders at most maxHolders holders for an error message.

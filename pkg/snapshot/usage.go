@@ -10,7 +10,6 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
-	"github.com/loopkit/loopkit/internal/ext4"
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
@@ -88,7 +87,7 @@ func usedInodes(image, mnt string) (int64, error) {
 			return int64(st.Files) - int64(st.Ffree), nil
 		}
 	}
-	sb, err := ext4.ReadFile(image)
+	sb, err := readSuperblock(image)
 	if err != nil {
 		return 0, err
 	}
@@ -124,7 +123,7 @@ func imageUsage(image, parent, mnt string) (snapshots.Usage, error) {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", image, err)
 	}
 	if parent != "" {
-		if sb, err := ext4.ReadFile(parent); err == nil {
+		if sb, err := readSuperblock(parent); err == nil {
 			inodes -= sb.UsedInodes()
 		}
 	}
