@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +22,13 @@ import (
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
+
+// The conformance suites mount overlays with long lowerdirs in this
+// process: containerd's mount code does that on a goroutine locked to its
+// thread with a working directory inside the snapshotter root, and a main
+// thread left like that is never ended, keeping that filesystem busy. The
+// main goroutine keeps the main thread (see pkg/snapshot's suite test).
+func init() { runtime.LockOSThread() }
 
 // TestSnapshotterGRPCSuite runs containerd's conformance suite through the
 // path containerd uses: the real loop-snapshotter binary serving on a unix

@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -109,8 +108,7 @@ func TestBenchSmall(t *testing.T) {
 	if out, err := exec.Command("cc", "-O2", "-o", sdloopPool.path, "sdloop/sdloop.c", lib, "-Wl,-rpath,"+filepath.Dir(lib)).CombinedOutput(); err != nil {
 		t.Fatalf("build sdloop (needs package systemd for %s): %v\n%s", lib, err, out)
 	}
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if out, err := exec.Command(gobin, "build", "-o", loopctlPath, "github.com/loopkit/loopkit/cmd/loopctl").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-o", loopctlPath, "github.com/loopkit/loopkit/cmd/loopctl").CombinedOutput(); err != nil {
 		t.Fatalf("build loopctl: %v\n%s", err, out)
 	}
 

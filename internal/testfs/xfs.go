@@ -4,6 +4,7 @@ package testfs
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,7 +54,17 @@ func MountReflinkXFS(t testing.TB, base string, size int64) string {
 		t.Fatalf("mount xfs: %v", err)
 	}
 	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
+		// Busy for a moment after the test: a mount namespace another
+		// process created meanwhile (a container starting) holds copies of
+		// the mounts made on this filesystem (layered mode's erofs layers
+		// and ext4 uppers), whose backing files stay open through this
+		// mount until that namespace lets go.
+		err := unix.Unmount(mnt, 0)
+		for deadline := time.Now().Add(15 * time.Second); errors.Is(err, unix.EBUSY) && time.Now().Before(deadline); {
+			time.Sleep(100 * time.Millisecond)
+			err = unix.Unmount(mnt, 0)
+		}
+		if err != nil {
 			t.Errorf("unmount xfs: %v", err)
 		}
 	})

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os/exec"
 	"testing"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/testutil"
 )
 
 // R5: a device bound by someone else between get-free and our lock is
@@ -119,9 +121,5 @@ func TestR06_ZeroStalePartitions(t *testing.T) {
 
 func testRequireBins(t *testing.T, names ...string) {
 	t.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("needs %s", n)
-		}
-	}
+	testutil.RequireBinaries(t, names...)
 }

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/pkg/loopdev/internal/testutil"
 )
 
 // waitUnbound polls (bounded) until rec's attachment is gone.
@@ -38,11 +40,7 @@ func ext4Image(t testing.TB, dir, name string, size int64) string {
 
 func testutilBins(t testing.TB, names ...string) {
 	t.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("needs %s", n)
-		}
-	}
+	testutil.RequireBinaries(t, names...)
 }
 
 func mkdir(t testing.TB, parts ...string) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"runtime"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -13,6 +14,15 @@ import (
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/config"
 )
+
+// containerd's mount code mounts an overlay with a long lowerdir from a
+// goroutine locked to its thread, which unshares its working directory and
+// chdirs into the layers' directory, then exits: Go ends such a thread,
+// except the main thread, which it parks for good with that working
+// directory, keeping the filesystem under the test's snapshotter root busy
+// (its unmount fails with EBUSY until the test binary exits). Keeping the
+// main goroutine on the main thread keeps every other goroutine off it.
+func init() { runtime.LockOSThread() }
 
 // testConfig is the configuration the tests use: small images (still 4 KiB
 // blocks), so 128LayersMount clones 128 small files.

@@ -16,23 +16,63 @@ import (
 	"github.com/loopkit/loopkit/pkg/loopdev/internal/mountinfo"
 )
 
-// RequireRoot skips unless the test runs as root on a host with loop devices.
+// RequireEnv, set to 1 (make test sets it), makes a test whose
+// prerequisite is missing fail, naming the tool and its package, instead of
+// skipping: a CI run cannot pass by testing nothing. `make test-unit` and
+// plain `go test` leave it unset and skip. (The main module's
+// internal/testutil reads the same variable; this module cannot import it.)
+const RequireEnv = "LOOPKIT_TEST_REQUIRE"
+
+// installHints says where each tool the loopdev tests use comes from.
+var installHints = map[string]string{
+	"mkfs.ext4":  "apt-get install e2fsprogs",
+	"mksquashfs": "apt-get install squashfs-tools",
+	"sfdisk":     "apt-get install fdisk",
+	"losetup":    "apt-get install util-linux",
+	"flock":      "apt-get install util-linux",
+	"udevadm":    "apt-get install udev",
+}
+
+// Required reports whether RequireEnv turns missing prerequisites into
+// failures.
+func Required() bool { return os.Getenv(RequireEnv) == "1" }
+
+// Missing skips (or, under RequireEnv, fails) a test that needs what, with
+// how to get it (from installHints when how is empty).
+func Missing(t testing.TB, what, how string) {
+	t.Helper()
+	if how == "" {
+		how = installHints[what]
+	}
+	msg := "needs " + what
+	if how != "" {
+		msg += " (" + how + ")"
+	}
+	if Required() {
+		t.Fatalf("%s; %s=1 (make test) turns missing tools into failures", msg, RequireEnv)
+	}
+	t.Skip(msg)
+}
+
+// RequireRoot skips unless the test runs as root on a host with loop
+// devices (fails under RequireEnv).
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/loop-control")
+		Missing(t, "root and /dev/loop-control", "run as root")
 	}
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		t.Skip("needs root and /dev/loop-control")
+		Missing(t, "root and /dev/loop-control", "modprobe loop")
 	}
 }
 
-// RequireBinaries skips unless every named program is on PATH.
+// RequireBinaries skips unless every named program is on PATH (fails under
+// RequireEnv, naming the program and its package).
 func RequireBinaries(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
 		if _, err := exec.LookPath(n); err != nil {
-			t.Skipf("needs %s", n)
+			Missing(t, n, "")
 		}
 	}
 }
