@@ -376,6 +376,18 @@ func externalFlockFails(path string, exclusive bool) bool {
 	return err != nil
 }
 
+// externalFlockFree says whether another process gets the lock within a few
+// seconds. udevd's probe of a new device holds LOCK_SH for a moment, so a
+// single non-blocking try can fail on a device nobody in this test locks;
+// a lock this test still holds never goes away and fails the wait.
+func externalFlockFree(path string, exclusive bool) bool {
+	mode := "-s"
+	if exclusive {
+		mode = "-x"
+	}
+	return exec.Command("flock", "-w", "5", mode, path, "true").Run() == nil
+}
+
 // kmsgWatch collects kernel log lines written after it was created. It
 // uses a raw non-blocking fd: an *os.File would park Read in the poller.
 type kmsgWatch struct{ fd int }
