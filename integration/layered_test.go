@@ -95,7 +95,16 @@ func ctdLiveWriter(t *testing.T, e *ctdEnv, ref, id string) func(what string) {
 	return func(what string) {
 		t.Helper()
 		time.Sleep(300 * time.Millisecond)
-		s := strings.TrimSpace(e.ctr("task", "exec", "--exec-id", "c"+strconv.FormatInt(time.Now().UnixNano(), 36), id, "cat", "/count"))
+		var s string
+		// `echo $i > /count` truncates before it writes: a read in between
+		// sees an empty file, so an empty read is tried again.
+		for try := 0; try < 20; try++ {
+			s = strings.TrimSpace(e.ctr("task", "exec", "--exec-id", "c"+strconv.FormatInt(time.Now().UnixNano(), 36), id, "cat", "/count"))
+			if s != "" {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 		n, err := strconv.Atoi(s)
 		if err != nil {
 			t.Fatalf("read /count: %q", s)
