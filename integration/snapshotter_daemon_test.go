@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -159,7 +160,7 @@ func snapPurge(root string) error {
 	cfg.Root = root
 	cfg.DefaultSize = 64 << 20
 	ctx := context.Background()
-	s, err := snapshot.New(ctx, cfg)
+	s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 	if err != nil {
 		return fmt.Errorf("purge %s: %w", root, err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -42,7 +43,7 @@ func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, er
 		cfg.Root = root
 		cfg.Mode = strings.TrimPrefix(kind, "loop-")
 		cfg.DefaultSize = config.ByteSize(size)
-		s, err := snapshot.New(ctx, cfg)
+		s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 		if err != nil {
 			return nil, err
 		}
@@ -173,7 +174,7 @@ func layers128(ctx context.Context, sn snapshots.Snapshotter, work string) (time
 func purgeLoop(ctx context.Context, root string) {
 	cfg := config.DefaultSnapshotter()
 	cfg.Root = root
-	s, err := snapshot.New(ctx, cfg)
+	s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 	if err != nil {
 		logf("purge %s: %v", root, err)
 		return

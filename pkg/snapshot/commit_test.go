@@ -169,7 +169,7 @@ func TestMountsCommitRace(t *testing.T) {
 	}
 	cfg := testConfig(filepath.Join(base, "root"))
 	var err error
-	s, err = New(ctx, cfg, WithFaultHook(hook))
+	s, err = newSnapshotter(ctx, cfg, withFaultHook(hook))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,7 +315,7 @@ func TestModeFile(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "mode"), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(context.Background(), testConfig(root)); !errdefs.IsFailedPrecondition(err) {
+	if _, err := newSnapshotter(context.Background(), testConfig(root)); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("empty mode file beside metadata: %v, want FailedPrecondition", err)
 	}
 }

@@ -16,6 +16,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/snapadmin"
 )
 
 // lrecords is what the metadata says exists in a layered root.
@@ -350,18 +352,18 @@ func (s *Snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usag
 }
 
 // lstatus is Status in layered mode.
-func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
+func (s *Snapshotter) lstatus(ctx context.Context) (snapadmin.Status, error) {
 	entries, err := s.statusEntries(ctx)
 	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
 	own, err := s.ownDevices()
 	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
 	recs, err := s.lrecords(ctx)
 	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
 	byKey := map[devKey]ownDevice{}
 	for _, d := range own {
@@ -370,9 +372,9 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		}
 	}
 	st := s.statusHead()
-	st.devices = len(own)
+	st.Devices = len(own)
 	for _, e := range entries {
-		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
+		ss := snapadmin.SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		k := devKey{e.id, roleLayer}
 		switch e.info.Kind {
 		case snapshots.KindActive:
@@ -397,7 +399,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		if (d.key.id != "" && recs.needed(d.key)) || d.detachPending() {
 			continue
 		}
-		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
+		st.Orphans = append(st.Orphans, snapadmin.DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
 	}
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].Key < st.Snapshots[j].Key })
 	s.statusTail(&st)

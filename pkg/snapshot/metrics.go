@@ -68,7 +68,7 @@ func (s *Snapshotter) Collect(ch chan<- prometheus.Metric) {
 		for _, k := range []string{"Active", "View", "Committed"} {
 			gauge(descSnapshots, float64(kinds[k]), k)
 		}
-		gauge(descDevices, float64(st.devices))
+		gauge(descDevices, float64(st.Devices))
 		gauge(descAllocated, float64(allocated))
 		if s.layered() {
 			var mounted int

@@ -1,8 +1,20 @@
-// Package snapshot implements loop-snapshotter's flat mode: a containerd
-// snapshotter whose snapshots are ext4 image files, each attached to its own
-// loop device through pkg/loopdev.
+// Package snapshot implements the loop snapshotter, a containerd
+// snapshotter whose writable snapshots are size-limited ext4 images on loop
+// devices (pkg/loopdev). In layered mode (the default, see layered.go)
+// committed layers are shared erofs images; in flat mode every snapshot is
+// one cumulative ext4 image on its own device.
 //
-// Layout under root:
+// The package follows containerd's rule for snapshotters: NewSnapshotter
+// returns containerd's snapshots.Snapshotter (the value also implements
+// snapshots.Cleaner) and the concrete type is unexported. Link it into
+// containerd with pkg/snapshot/plugin, or run the loop-snapshotter binary,
+// which serves it over containerd's proxy API. What only that binary uses
+// (its status service, metrics, Purge and the crash tests' fault hook) is
+// not exported here: the binary reaches it through an internal package,
+// because those types are the daemon's wire format and test seams, of no
+// use to an embedder and not worth freezing as an API.
+//
+// Flat-mode layout under root:
 //
 //	lock                 flock held by the running instance
 //	mode                 storage mode of this root ("flat")
@@ -38,6 +50,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
@@ -45,16 +58,14 @@ import (
 // core/snapshots.LabelSnapshotMaxSize), in decimal bytes.
 const LabelMaxSize = "containerd.io/snapshot/max-size"
 
-// ErrRootInUse is returned by New when another instance holds the root.
+// ErrRootInUse is returned by NewSnapshotter when another instance holds the root.
 var ErrRootInUse = errors.New("snapshotter root is in use by another instance")
 
-// Opt configures a Snapshotter.
+// Opt configures the snapshotter NewSnapshotter builds.
 type Opt func(*Snapshotter)
 
-// WithFaultHook installs a test hook called at each named step of Prepare,
-// Mounts, Commit and Remove (crash-safety tests kill the process there;
-// race tests run another call there).
-func WithFaultHook(fn func(step string)) Opt {
+// withFaultHook is the in-package tests' form of snapadmin.WithFaultHook.
+func withFaultHook(fn func(step string)) Opt {
 	return func(s *Snapshotter) { s.fault = fn }
 }
 
@@ -91,11 +102,22 @@ type Snapshotter struct {
 var (
 	_ snapshots.Snapshotter = (*Snapshotter)(nil)
 	_ snapshots.Cleaner     = (*Snapshotter)(nil)
+	_ snapadmin.Snapshotter = (*Snapshotter)(nil)
 )
 
-// New opens (or creates) the snapshotter state under cfg.Root, reconciles
-// loop devices with the metadata and returns a ready snapshotter.
-func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter, error) {
+// NewSnapshotter opens (or creates) the snapshotter state under cfg.Root,
+// reconciles loop devices with the metadata and returns a ready
+// snapshotter. It also implements snapshots.Cleaner. Close it to release
+// the root; its loop devices stay attached (running containers use them).
+func NewSnapshotter(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (snapshots.Snapshotter, error) {
+	s, err := newSnapshotter(ctx, cfg, opts...)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return s, nil
+}
+
+func newSnapshotter(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -104,6 +126,9 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 		return nil, err
 	}
 	s := &Snapshotter{root: root, cfg: cfg, fault: func(string) {}, damaged: map[string]string{}}
+	if fn := snapadmin.FaultHook(ctx); fn != nil {
+		s.fault = fn
+	}
 	for _, o := range opts {
 		o(s)
 	}
@@ -243,9 +268,6 @@ func writeModeFile(p, mode string) error {
 	}
 	return nil
 }
-
-// Mode returns the storage mode of the open root ("layered" or "flat").
-func (s *Snapshotter) Mode() string { return s.mode }
 
 func (s *Snapshotter) layered() bool { return s.mode == config.ModeLayered }
 

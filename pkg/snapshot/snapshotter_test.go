@@ -320,7 +320,7 @@ func TestRestart(t *testing.T) {
 	testutil.NoLeaks(t, base)
 	ctx := context.Background()
 	cfg := testConfig(filepath.Join(base, "root"))
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +329,7 @@ func TestRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(ctx, cfg); !errors.Is(err, ErrRootInUse) {
+	if _, err := newSnapshotter(ctx, cfg); !errors.Is(err, ErrRootInUse) {
 		t.Fatalf("second instance: %v, want ErrRootInUse", err)
 	}
 	rec, ok := s.devs.cached(devKey{"1", roleRW})
@@ -343,7 +343,7 @@ func TestRestart(t *testing.T) {
 		t.Fatalf("device gone after Close: %v", err)
 	}
 
-	s, err = New(ctx, cfg)
+	s, err = newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -519,7 +519,7 @@ func TestDirectIO(t *testing.T) {
 		testutil.NoLeaks(t, base)
 		cfg := testConfig(filepath.Join(base, "root"))
 		cfg.DirectIO = "on"
-		s, err := New(context.Background(), cfg)
+		s, err := newSnapshotter(context.Background(), cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -611,7 +611,7 @@ func TestAttachOnStartEager(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(filepath.Join(base, "root"))
 	cfg.AttachOnStart = "eager"
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -625,7 +625,7 @@ func TestAttachOnStartEager(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s, err = New(ctx, cfg)
+	s, err = newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

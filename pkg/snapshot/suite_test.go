@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/config"
@@ -46,12 +47,13 @@ func requireTools(t testing.TB) {
 	testutil.RequireBinaries(t, "mkfs.ext4", "debugfs", "resize2fs", "e2fsck", "tune2fs", "mkfs.erofs", "fsck.erofs")
 }
 
-// suiteFactory runs the snapshotter in-process in mode; its cleanup
+// suiteFactory runs the snapshotter in-process in mode, as NewSnapshotter
+// gives it to an embedder; its cleanup
 // detaches every device and unmounts every mount the instance made (the
 // suite never removes all snapshots), then closes it.
 func suiteFactory(mode string) testsuite.SnapshotterFunc {
 	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-		s, err := New(ctx, testConfigMode(root, mode))
+		s, err := snapadmin.From(NewSnapshotter(ctx, testConfigMode(root, mode)))
 		if err != nil {
 			return nil, nil, err
 		}

@@ -146,7 +146,7 @@ func openAt(t *testing.T, root string, mutate func(*config.Snapshotter)) *Snapsh
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	s, err := New(context.Background(), cfg)
+	s, err := newSnapshotter(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
