@@ -23,7 +23,7 @@ import (
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
-func newLayered(t *testing.T, mutate func(*config.Snapshotter)) (*Snapshotter, string) {
+func newLayered(t *testing.T, mutate func(*config.Snapshotter)) (*snapshotter, string) {
 	t.Helper()
 	return newTestSnapshotter(t, func(c *config.Snapshotter) {
 		c.Mode = config.ModeLayered
@@ -299,7 +299,7 @@ func TestLayeredRestart(t *testing.T) {
 	testutil.NoLeaks(t, base)
 	cfg := testConfigMode(filepath.Join(base, "root"), config.ModeLayered)
 	ctx := context.Background()
-	open := func() *Snapshotter {
+	open := func() *snapshotter {
 		t.Helper()
 		s, err := newSnapshotter(ctx, cfg)
 		must(t, err)

@@ -24,7 +24,7 @@ import (
 
 // newTestSnapshotter opens a snapshotter on a fresh root under t.TempDir
 // and, at cleanup, detaches its devices and closes it.
-func newTestSnapshotter(t *testing.T, mutate func(*config.Snapshotter)) (*Snapshotter, string) {
+func newTestSnapshotter(t *testing.T, mutate func(*config.Snapshotter)) (*snapshotter, string) {
 	t.Helper()
 	requireTools(t)
 	base := t.TempDir()
@@ -254,7 +254,7 @@ func writeZeros(path string, n int64) error {
 }
 
 // imageSize returns the size of the image of an active snapshot, or 0.
-func imageSize(t *testing.T, s *Snapshotter, key string) int64 {
+func imageSize(t *testing.T, s *snapshotter, key string) int64 {
 	t.Helper()
 	var id string
 	if err := s.ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
@@ -464,7 +464,7 @@ func TestConcurrentPrepare(t *testing.T) {
 // refuses a backing without O_DIRECT (tmpfs) with FailedPrecondition and no
 // record; "off" attaches buffered.
 func TestDirectIO(t *testing.T) {
-	dio := func(t *testing.T, s *Snapshotter, key string) bool {
+	dio := func(t *testing.T, s *snapshotter, key string) bool {
 		t.Helper()
 		rec, ok := s.devs.cached(devKey{imageID(t, s, key), roleRW})
 		if !ok {
@@ -533,7 +533,7 @@ func TestDirectIO(t *testing.T) {
 	})
 }
 
-func imageID(t *testing.T, s *Snapshotter, key string) string {
+func imageID(t *testing.T, s *snapshotter, key string) string {
 	t.Helper()
 	var id string
 	if err := s.ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {

@@ -15,7 +15,7 @@ import (
 
 // Status lists every snapshot with its size limit, usage and device, and
 // the devices under root that no live snapshot needs (orphans).
-func (s *Snapshotter) Status(ctx context.Context) (snapadmin.Status, error) {
+func (s *snapshotter) Status(ctx context.Context) (snapadmin.Status, error) {
 	if s.layered() {
 		return s.lstatus(ctx)
 	}
@@ -87,7 +87,7 @@ type statusEntry struct {
 	sn    storage.Snapshot
 }
 
-func (s *Snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) {
+func (s *snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) {
 	var entries []statusEntry
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
@@ -112,7 +112,7 @@ func (s *Snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) 
 	return entries, err
 }
 
-func (s *Snapshotter) statusHead() snapadmin.Status {
+func (s *snapshotter) statusHead() snapadmin.Status {
 	st := snapadmin.Status{Root: s.root, Mode: s.mode, Snapshots: []snapadmin.SnapshotStatus{}, Orphans: []snapadmin.DeviceStatus{}}
 	if s.layered() {
 		st.LayerBacking = s.backing
@@ -121,7 +121,7 @@ func (s *Snapshotter) statusHead() snapadmin.Status {
 }
 
 // statusTail counts the trash and staging entries.
-func (s *Snapshotter) statusTail(st *snapadmin.Status) {
+func (s *snapshotter) statusTail(st *snapadmin.Status) {
 	if es, err := os.ReadDir(filepath.Join(s.root, "trash")); err == nil {
 		st.Trash = len(es)
 	}

@@ -140,7 +140,7 @@ func testUsage(t *testing.T, base string, reflink bool) {
 
 // openAt opens a snapshotter on root; at cleanup it detaches its devices
 // and closes it.
-func openAt(t *testing.T, root string, mutate func(*config.Snapshotter)) *Snapshotter {
+func openAt(t *testing.T, root string, mutate func(*config.Snapshotter)) *snapshotter {
 	t.Helper()
 	cfg := testConfig(root)
 	if mutate != nil {
