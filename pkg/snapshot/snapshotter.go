@@ -69,7 +69,7 @@ func withFaultHook(fn func(step string)) Opt {
 	return func(s *snapshotter) { s.fault = fn }
 }
 
-// snapshotter is the flat-mode loop snapshotter. It implements
+// snapshotter is the loop snapshotter, in either storage mode. It implements
 // snapshots.Snapshotter and snapshots.Cleaner.
 type snapshotter struct {
 	root    string
