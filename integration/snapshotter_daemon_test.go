@@ -166,18 +166,3 @@ func snapPurge(root string) error {
 	}
 	return errors.Join(s.Purge(ctx), s.Close())
 }
-
-// snapWithTempDir points os.TempDir (where containerd's suite makes its
-// directories) at dir until t's cleanup, which runs after t's parallel
-// subtests have finished.
-func snapWithTempDir(t *testing.T, dir string) {
-	old, had := os.LookupEnv("TMPDIR")
-	os.Setenv("TMPDIR", dir)
-	t.Cleanup(func() {
-		if had {
-			os.Setenv("TMPDIR", old)
-		} else {
-			os.Unsetenv("TMPDIR")
-		}
-	})
-}

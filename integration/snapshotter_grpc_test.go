@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
@@ -59,20 +58,7 @@ func TestSnapshotterGRPCSuite(t *testing.T) {
 				}
 				return d.sn, func() error { return errors.Join(d.close(), os.RemoveAll(sockDir)) }, nil
 			}
-			t.Run("ext4", func(t *testing.T) {
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				snapWithTempDir(t, base)
-				testsuite.SnapshotterSuite(t, m.suiteName, factory)
-			})
-			t.Run("xfs-reflink", func(t *testing.T) {
-				testutil.RequireBinaries(t, "mkfs.xfs")
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				mnt := testfs.MountReflinkXFS(t, base, 4<<30)
-				snapWithTempDir(t, mnt)
-				testsuite.SnapshotterSuite(t, m.suiteName, factory)
-			})
+			testfs.SnapshotterSuite(t, m.suiteName, factory)
 		})
 	}
 }

@@ -3,7 +3,6 @@ package snapshot
 import (
 	"context"
 	"errors"
-	"os"
 	"runtime"
 	"testing"
 
@@ -63,20 +62,6 @@ func suiteFactory(mode string) testsuite.SnapshotterFunc {
 	}
 }
 
-// withTempDir points os.TempDir (where the suite makes its directories) at
-// dir until t's cleanup, which runs after t's parallel subtests.
-func withTempDir(t *testing.T, dir string) {
-	old, had := os.LookupEnv("TMPDIR")
-	os.Setenv("TMPDIR", dir)
-	t.Cleanup(func() {
-		if had {
-			os.Setenv("TMPDIR", old)
-		} else {
-			os.Unsetenv("TMPDIR")
-		}
-	})
-}
-
 // TestSnapshotterSuite runs containerd's conformance suite in-process, in
 // both modes, on the host's filesystem (ext4 here: the sparse-copy path) and
 // on a loop-mounted XFS with reflink=1 (the FICLONE path).
@@ -90,21 +75,6 @@ func TestSnapshotterSuite(t *testing.T) {
 		if mode == config.ModeLayered {
 			name = "overlayfs"
 		}
-		t.Run(mode, func(t *testing.T) {
-			t.Run("ext4", func(t *testing.T) {
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				withTempDir(t, base)
-				testsuite.SnapshotterSuite(t, name, suiteFactory(mode))
-			})
-			t.Run("xfs-reflink", func(t *testing.T) {
-				testutil.RequireBinaries(t, "mkfs.xfs")
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				dir := testfs.MountReflinkXFS(t, base, 4<<30)
-				withTempDir(t, dir)
-				testsuite.SnapshotterSuite(t, name, suiteFactory(mode))
-			})
-		})
+		t.Run(mode, func(t *testing.T) { testfs.SnapshotterSuite(t, name, suiteFactory(mode)) })
 	}
 }
