@@ -376,23 +376,7 @@ func (s *snapshotter) lcommit(ctx context.Context, name, key string, opts []snap
 // lremove deletes the record, then unmounts and detaches what the snapshot
 // owned and moves its files to trash.
 func (s *snapshotter) lremove(ctx context.Context, key string) error {
-	var (
-		id   string
-		kind snapshots.Kind
-	)
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		kind = info.Kind
-		_, _, err = storage.Remove(ctx, key)
-		return err
-	})
+	id, _, kind, err := s.removeRecord(ctx, key)
 	if err != nil {
 		return err
 	}

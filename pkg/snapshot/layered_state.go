@@ -353,11 +353,7 @@ func (s *snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usag
 
 // lstatus is Status in layered mode.
 func (s *snapshotter) lstatus(ctx context.Context) (snapadmin.Status, error) {
-	entries, err := s.statusEntries(ctx)
-	if err != nil {
-		return snapadmin.Status{}, err
-	}
-	own, err := s.ownDevices()
+	st, entries, own, byKey, err := s.statusStart(ctx)
 	if err != nil {
 		return snapadmin.Status{}, err
 	}
@@ -365,14 +361,6 @@ func (s *snapshotter) lstatus(ctx context.Context) (snapadmin.Status, error) {
 	if err != nil {
 		return snapadmin.Status{}, err
 	}
-	byKey := map[devKey]ownDevice{}
-	for _, d := range own {
-		if d.key.id != "" {
-			byKey[d.key] = d
-		}
-	}
-	st := s.statusHead()
-	st.Devices = len(own)
 	for _, e := range entries {
 		ss := snapadmin.SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		k := devKey{e.id, roleLayer}

@@ -43,18 +43,7 @@ func mountAll(t *testing.T, ms []mount.Mount, dir string) func() {
 	if err := mount.All(ms, dir); err != nil {
 		t.Fatalf("mount %v on %s: %v", ms, dir, err)
 	}
-	done := false
-	unmount := func() {
-		if done {
-			return
-		}
-		done = true
-		if err := mount.UnmountAll(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	}
-	t.Cleanup(unmount)
-	return unmount
+	return unmountAtCleanup(t, dir)
 }
 
 func upperdirOf(t *testing.T, ms []mount.Mount) string {

@@ -795,28 +795,7 @@ func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	if s.layered() {
 		return s.lremove(ctx, key)
 	}
-	var (
-		id, parentID string
-		kind         snapshots.Kind
-	)
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		kind = info.Kind
-		if kind == snapshots.KindView && info.Parent != "" {
-			if parentID, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
-				return err
-			}
-		}
-		_, _, err = storage.Remove(ctx, key)
-		return err
-	})
+	id, parentID, _, err := s.removeRecord(ctx, key)
 	if err != nil {
 		return err
 	}
@@ -853,6 +832,31 @@ func (s *snapshotter) Remove(ctx context.Context, key string) error {
 		log.G(ctx).WithError(err).WithField("key", key).Warn("move removed image to trash")
 	}
 	return nil
+}
+
+// removeRecord deletes the record of key in one write transaction and
+// returns what the caller then releases: its id and kind and, for a view,
+// its parent's id (flat mode's views share the parent's device).
+func (s *snapshotter) removeRecord(ctx context.Context, key string) (id, parentID string, kind snapshots.Kind, err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var (
+			info snapshots.Info
+			err  error
+		)
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		kind = info.Kind
+		if kind == snapshots.KindView && info.Parent != "" {
+			if parentID, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
+				return err
+			}
+		}
+		_, _, err = storage.Remove(ctx, key)
+		return err
+	})
+	return id, parentID, kind, err
 }
 
 func (s *snapshotter) releaseViewDevice(ctx context.Context, parentID string) error {

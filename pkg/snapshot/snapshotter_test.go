@@ -51,6 +51,12 @@ func mountAt(t *testing.T, ms []mount.Mount, dir string) func() {
 	if err := unix.Mount(ms[0].Source, dir, ms[0].Type, flags, ""); err != nil {
 		t.Fatalf("mount %s on %s: %v", ms[0].Source, dir, err)
 	}
+	return unmountAtCleanup(t, dir)
+}
+
+// unmountAtCleanup returns a function that unmounts everything on dir once,
+// and registers it to run at cleanup if the test did not call it.
+func unmountAtCleanup(t *testing.T, dir string) func() {
 	done := false
 	unmount := func() {
 		if done {

@@ -19,22 +19,10 @@ func (s *snapshotter) Status(ctx context.Context) (snapadmin.Status, error) {
 	if s.layered() {
 		return s.lstatus(ctx)
 	}
-	entries, err := s.statusEntries(ctx)
+	st, entries, own, byKey, err := s.statusStart(ctx)
 	if err != nil {
 		return snapadmin.Status{}, err
 	}
-	own, err := s.ownDevices()
-	if err != nil {
-		return snapadmin.Status{}, err
-	}
-	byKey := map[devKey]ownDevice{}
-	for _, d := range own {
-		if d.key.id != "" {
-			byKey[d.key] = d
-		}
-	}
-	st := s.statusHead()
-	st.Devices = len(own)
 	mounts := mountPoints()
 	needed := map[devKey]bool{}
 	for _, e := range entries {
@@ -110,6 +98,27 @@ func (s *snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) 
 		return err
 	})
 	return entries, err
+}
+
+// statusStart reads what Status starts from in both modes: every
+// snapshot's entry and the devices backed by files under root, all of
+// them and those of a known snapshot by key; st is the status head.
+func (s *snapshotter) statusStart(ctx context.Context) (st snapadmin.Status, entries []statusEntry, own []ownDevice, byKey map[devKey]ownDevice, err error) {
+	if entries, err = s.statusEntries(ctx); err != nil {
+		return st, nil, nil, nil, err
+	}
+	if own, err = s.ownDevices(); err != nil {
+		return st, nil, nil, nil, err
+	}
+	byKey = map[devKey]ownDevice{}
+	for _, d := range own {
+		if d.key.id != "" {
+			byKey[d.key] = d
+		}
+	}
+	st = s.statusHead()
+	st.Devices = len(own)
+	return st, entries, own, byKey, nil
 }
 
 func (s *snapshotter) statusHead() snapadmin.Status {
