@@ -198,11 +198,7 @@ func benchImage(b *testing.B, path, ref string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	base := []ociimage.Entry{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bbData},
-		{Name: "bin/true", Mode: 0o777, Link: "busybox"}, {Name: "bin/sh", Mode: 0o777, Link: "busybox"}}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/", "etc/"} {
-		base = append(base, ociimage.Entry{Name: d, Mode: 0o755, Dir: true})
-	}
+	base := busyboxEntries(bbData, []string{"true", "sh"}, "tmp/", "proc/", "sys/", "dev/", "run/", "etc/")
 	layers := []ociimage.Blob{criTarLayer(b, base)}
 	rng := rand.New(rand.NewSource(1))
 	for i := 0; i < 3; i++ {

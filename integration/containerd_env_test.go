@@ -424,13 +424,8 @@ func ctdLayeredImage(t *testing.T, path, ref, busyboxPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := []ociimage.Entry{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
-	for _, a := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat", "rm", "echo", "test", "touch", "seq", "head", "wc"} {
-		base = append(base, ociimage.Entry{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
-	}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/"} {
-		base = append(base, ociimage.Entry{Name: d, Mode: 0o755, Dir: true})
-	}
+	base := busyboxEntries(bb, []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat", "rm", "echo", "test", "touch", "seq", "head", "wc"},
+		"tmp/", "proc/", "sys/", "dev/", "run/")
 	etc := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/:/bin/sh\n")},

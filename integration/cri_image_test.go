@@ -19,6 +19,20 @@ func criTarLayer(t testing.TB, files []ociimage.Entry) ociimage.Blob {
 	return l
 }
 
+// busyboxEntries is the base layer of the test images: the host's static
+// busybox bb at bin/busybox, a symlink bin/<a> to it for each applet, then
+// the directories dirs (mode 0755).
+func busyboxEntries(bb []byte, applets []string, dirs ...string) []ociimage.Entry {
+	es := []ociimage.Entry{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
+	for _, a := range applets {
+		es = append(es, ociimage.Entry{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
+	}
+	for _, d := range dirs {
+		es = append(es, ociimage.Entry{Name: d, Mode: 0o755, Dir: true})
+	}
+	return es
+}
+
 // criBusyboxImage writes an OCI image archive (the format `ctr image import`
 // reads) named ref with two layers made from the host's static busybox: the
 // binary with a few applet links, then a small second layer, so that the
@@ -31,13 +45,7 @@ func criBusyboxImage(t *testing.T, path, ref, busyboxPath string) {
 	if err != nil {
 		t.Fatalf("read busybox: %v", err)
 	}
-	base := []ociimage.Entry{
-		{Name: "bin/", Mode: 0o755, Dir: true},
-		{Name: "bin/busybox", Mode: 0o755, Data: bb},
-	}
-	for _, applet := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat"} {
-		base = append(base, ociimage.Entry{Name: "bin/" + applet, Mode: 0o777, Link: "busybox"})
-	}
+	base := busyboxEntries(bb, []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat"})
 	base = append(base,
 		ociimage.Entry{Name: "tmp/", Mode: 0o1777, Dir: true},
 		ociimage.Entry{Name: "proc/", Mode: 0o555, Dir: true},

@@ -36,14 +36,8 @@ func layeredTestImage(t *testing.T, path, ref string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := []ociimage.Entry{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
-	for _, a := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "stat", "rm", "echo", "test", "touch",
-		"head", "wc", "find", "sort", "md5sum", "xargs", "mkdir", "mount"} {
-		base = append(base, ociimage.Entry{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
-	}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/"} {
-		base = append(base, ociimage.Entry{Name: d, Mode: 0o755, Dir: true})
-	}
+	base := busyboxEntries(bb, []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "stat", "rm", "echo", "test", "touch",
+		"head", "wc", "find", "sort", "md5sum", "xargs", "mkdir", "mount"}, "tmp/", "proc/", "sys/", "dev/", "run/")
 	etc := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/:/bin/sh\n")},

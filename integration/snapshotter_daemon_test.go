@@ -70,6 +70,22 @@ func startSnapDaemon(bin, cfg, root, sock, logPath string, env ...string) (*snap
 	return d, d.start(logPath)
 }
 
+// startSnapDaemonT is startSnapDaemon for a test: it fails t if the daemon
+// does not serve, and stops it (purging its devices) at cleanup.
+func startSnapDaemonT(t *testing.T, bin, cfg, root, sock, logPath string, env ...string) *snapDaemon {
+	t.Helper()
+	d, err := startSnapDaemon(bin, cfg, root, sock, logPath, env...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return d
+}
+
 func (d *snapDaemon) start(logPath string) error {
 	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {

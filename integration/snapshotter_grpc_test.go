@@ -133,15 +133,7 @@ func TestSnapshotterMetrics(t *testing.T) {
 	bin := snapBuild(t, dir)
 	cfg := snapWriteConfig(t, dir, snapTestConfig+"metrics_address = \"127.0.0.1:0\"\n")
 	logPath := filepath.Join(dir, "daemon.log")
-	d, err := startSnapDaemon(bin, cfg, filepath.Join(dir, "root"), filepath.Join(dir, "s.sock"), logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := d.close(); err != nil {
-			t.Error(err)
-		}
-	})
+	d := startSnapDaemonT(t, bin, cfg, filepath.Join(dir, "root"), filepath.Join(dir, "s.sock"), logPath)
 	ctx := context.Background()
 	if _, err := d.sn.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
