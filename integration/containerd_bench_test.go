@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loopkit/loopkit/internal/ociimage"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
 
@@ -197,17 +198,13 @@ func benchImage(b *testing.B, path, ref string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	base := []criLayerFile{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bbData},
-		{Name: "bin/true", Mode: 0o777, Link: "busybox"}, {Name: "bin/sh", Mode: 0o777, Link: "busybox"}}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/", "etc/"} {
-		base = append(base, criLayerFile{Name: d, Mode: 0o755, Dir: true})
-	}
-	layers := []criBlob{criTarLayer(b, base)}
+	base := busyboxEntries(bbData, []string{"true", "sh"}, "tmp/", "proc/", "sys/", "dev/", "run/", "etc/")
+	layers := []ociimage.Blob{criTarLayer(b, base)}
 	rng := rand.New(rand.NewSource(1))
 	for i := 0; i < 3; i++ {
 		data := make([]byte, 8<<20)
 		rng.Read(data)
-		layers = append(layers, criTarLayer(b, []criLayerFile{
+		layers = append(layers, criTarLayer(b, []ociimage.Entry{
 			{Name: "data/", Mode: 0o755, Dir: true},
 			{Name: fmt.Sprintf("data/blob%d", i), Mode: 0o644, Data: data},
 		}))

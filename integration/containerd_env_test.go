@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"archive/tar"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loopkit/loopkit/internal/ociimage"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/config"
 )
@@ -424,78 +424,35 @@ func ctdLayeredImage(t *testing.T, path, ref, busyboxPath string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := []criLayerFile{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
-	for _, a := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat", "rm", "echo", "test", "touch", "seq", "head", "wc"} {
-		base = append(base, criLayerFile{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
-	}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/"} {
-		base = append(base, criLayerFile{Name: d, Mode: 0o755, Dir: true})
-	}
-	etc := []criLayerFile{
+	base := busyboxEntries(bb, []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "mount", "stat", "rm", "echo", "test", "touch", "seq", "head", "wc"},
+		"tmp/", "proc/", "sys/", "dev/", "run/")
+	etc := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/:/bin/sh\n")},
 		{Name: "etc/group", Mode: 0o644, Data: []byte("root:x:0:\n")},
 		{Name: "etc/layer2", Mode: 0o644, Data: []byte("layer 2\n")},
 	}
-	data := []criLayerFile{
+	data := []ociimage.Entry{
 		{Name: "data/", Mode: 0o755, Dir: true},
 		{Name: "data/blob", Mode: 0o644, Data: bytes.Repeat([]byte("loopkit\n"), 128<<10)},
 	}
-	top := []criLayerFile{
+	top := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/.wh.layer2", Mode: 0o644, Data: nil},
 		{Name: "etc/layer4", Mode: 0o644, Data: []byte("layer 4\n")},
 	}
-	ctdWriteImage(t, path, ref, []criBlob{criTarLayer(t, base), criTarLayer(t, etc), criTarLayer(t, data), criTarLayer(t, top)},
+	ctdWriteImage(t, path, ref, []ociimage.Blob{criTarLayer(t, base), criTarLayer(t, etc), criTarLayer(t, data), criTarLayer(t, top)},
 		[]string{"/bin/sleep", "1000000"})
 }
 
 // ctdWriteImage writes an OCI image archive (what `ctr image import` reads).
-func ctdWriteImage(t testing.TB, path, ref string, layers []criBlob, cmd []string) {
+func ctdWriteImage(t testing.TB, path, ref string, layers []ociimage.Blob, cmd []string) {
 	t.Helper()
-	diffIDs := make([]string, 0, len(layers))
-	descs := make([]map[string]any, 0, len(layers))
-	for _, l := range layers {
-		diffIDs = append(diffIDs, l.digest())
-		descs = append(descs, l.descriptor())
+	img, err := ociimage.New(ref, layers, cmd)
+	if err == nil {
+		err = img.WriteArchive(path)
 	}
-	cfg := criJSONBlob(t, "application/vnd.oci.image.config.v1+json", map[string]any{
-		"architecture": runtime.GOARCH, "os": "linux", "created": "2023-11-14T22:13:20Z",
-		"config": map[string]any{"Env": []string{"PATH=/bin"}, "Cmd": cmd},
-		"rootfs": map[string]any{"type": "layers", "diff_ids": diffIDs},
-	})
-	manifest := criJSONBlob(t, "application/vnd.oci.image.manifest.v1+json", map[string]any{
-		"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-		"config": cfg.descriptor(), "layers": descs,
-	})
-	md := manifest.descriptor()
-	md["platform"] = map[string]any{"architecture": runtime.GOARCH, "os": "linux"}
-	md["annotations"] = map[string]any{"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref}
-	index := map[string]any{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []any{md}}
-	idx, err := json.Marshal(index)
 	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	tw := tar.NewWriter(f)
-	add := func(name string, data []byte) {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg, ModTime: time.Unix(1700000000, 0)}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write(data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	add("oci-layout", []byte(`{"imageLayoutVersion":"1.0.0"}`))
-	add("index.json", idx)
-	for _, b := range append([]criBlob{cfg, manifest}, layers...) {
-		add("blobs/sha256/"+strings.TrimPrefix(b.digest(), "sha256:"), b.data)
-	}
-	if err := tw.Close(); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -250,22 +250,7 @@ func (n *criNode) containerdConfig(t *testing.T, repo string, tweak func(map[str
 	if n.d.major >= 2 {
 		return n.containerdConfig2(t, repo, tweak)
 	}
-	raw, err := os.ReadFile(filepath.Join(repo, criContribConfig))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cfg map[string]any
-	if err := toml.Unmarshal(raw, &cfg); err != nil {
-		t.Fatalf("%s: %v", criContribConfig, err)
-	}
-	if v, _ := cfg["version"].(int64); v != 2 {
-		t.Fatalf("%s: version = %v, want 2", criContribConfig, cfg["version"])
-	}
-	proxy := criTable(t, cfg, "proxy_plugins", "loop")
-	if proxy["type"] != "snapshot" || proxy["address"] != "/run/loop-snapshotter/loop-snapshotter.sock" {
-		t.Fatalf("%s: proxy_plugins.loop = %v", criContribConfig, proxy)
-	}
-	proxy["address"] = n.snapSock
+	cfg := n.contribConfig(t, repo, criContribConfig, 2)
 	cri := criTable(t, cfg, "plugins", "io.containerd.grpc.v1.cri")
 	ctrd := criTable(t, cri, "containerd")
 	if ctrd["snapshotter"] != n.snapshotter {
@@ -315,26 +300,35 @@ func (n *criNode) containerdConfig(t *testing.T, repo string, tweak func(map[str
 // containerdConfig2 returns contrib's 2.x snippet (config version 4, the
 // form `containerd config migrate` prints) with the proxy address, every
 // daemon path and the CRI test settings replaced or added.
-func (n *criNode) containerdConfig2(t *testing.T, repo string, tweak func(map[string]any)) []byte {
+// contribConfig reads the contrib containerd configuration at rel (config
+// format version), checks that it points containerd at the snapshotter's
+// default socket, and points it at this node's instead.
+func (n *criNode) contribConfig(t *testing.T, repo, rel string, version int64) map[string]any {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(repo, criContribConfig2))
+	raw, err := os.ReadFile(filepath.Join(repo, rel))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var cfg map[string]any
 	if err := toml.Unmarshal(raw, &cfg); err != nil {
-		t.Fatalf("%s: %v", criContribConfig2, err)
+		t.Fatalf("%s: %v", rel, err)
 	}
-	if v, _ := cfg["version"].(int64); v != 4 {
-		t.Fatalf("%s: version = %v, want 4", criContribConfig2, cfg["version"])
+	if v, _ := cfg["version"].(int64); v != version {
+		t.Fatalf("%s: version = %v, want %d", rel, cfg["version"], version)
 	}
 	proxy := criTable(t, cfg, "proxy_plugins", "loop")
 	if proxy["type"] != "snapshot" || proxy["address"] != "/run/loop-snapshotter/loop-snapshotter.sock" {
-		t.Fatalf("%s: proxy_plugins.loop = %v", criContribConfig2, proxy)
+		t.Fatalf("%s: proxy_plugins.loop = %v", rel, proxy)
 	}
 	proxy["address"] = n.snapSock
+	return cfg
+}
+
+func (n *criNode) containerdConfig2(t *testing.T, repo string, tweak func(map[string]any)) []byte {
+	t.Helper()
+	cfg := n.contribConfig(t, repo, criContribConfig2, 4)
 	// CRI 2.x reports exports.root as the image filesystem.
-	criTable(t, proxy, "exports")["root"] = n.snapRoot
+	criTable(t, criTable(t, cfg, "proxy_plugins", "loop"), "exports")["root"] = n.snapRoot
 	images := criTable(t, cfg, "plugins", "io.containerd.cri.v1.images")
 	if images["snapshotter"] != n.snapshotter {
 		t.Fatalf("%s: CRI snapshotter = %v, want %q", criContribConfig2, images["snapshotter"], n.snapshotter)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loopkit/loopkit/internal/ociimage"
 	"github.com/loopkit/loopkit/internal/testutil"
 )
 
@@ -35,15 +36,9 @@ func layeredTestImage(t *testing.T, path, ref string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base := []criLayerFile{{Name: "bin/", Mode: 0o755, Dir: true}, {Name: "bin/busybox", Mode: 0o755, Data: bb}}
-	for _, a := range []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "stat", "rm", "echo", "test", "touch",
-		"head", "wc", "find", "sort", "md5sum", "xargs", "mkdir", "mount"} {
-		base = append(base, criLayerFile{Name: "bin/" + a, Mode: 0o777, Link: "busybox"})
-	}
-	for _, d := range []string{"tmp/", "proc/", "sys/", "dev/", "run/"} {
-		base = append(base, criLayerFile{Name: d, Mode: 0o755, Dir: true})
-	}
-	etc := []criLayerFile{
+	base := busyboxEntries(bb, []string{"sh", "sleep", "dd", "df", "sync", "cat", "ls", "stat", "rm", "echo", "test", "touch",
+		"head", "wc", "find", "sort", "md5sum", "xargs", "mkdir", "mount"}, "tmp/", "proc/", "sys/", "dev/", "run/")
+	etc := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/:/bin/sh\n")},
 		{Name: "etc/group", Mode: 0o644, Data: []byte("root:x:0:\n")},
@@ -56,11 +51,11 @@ func layeredTestImage(t *testing.T, path, ref string) {
 		{Name: "opq/sub/", Mode: 0o755, Dir: true},
 		{Name: "opq/sub/old2", Mode: 0o644, Data: []byte("old\n")},
 	}
-	data := []criLayerFile{
+	data := []ociimage.Entry{
 		{Name: "data/", Mode: 0o755, Dir: true},
 		{Name: "data/blob", Mode: 0o644, Data: bytes.Repeat([]byte("loopkit\n"), 128<<10)},
 	}
-	top := []criLayerFile{
+	top := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/.wh.layer2", Mode: 0o644},
 		{Name: "etc/layer4", Mode: 0o644, Data: []byte("layer 4\n")},
@@ -68,11 +63,11 @@ func layeredTestImage(t *testing.T, path, ref string) {
 		{Name: "opq/.wh..wh..opq", Mode: 0o644},
 		{Name: "opq/new", Mode: 0o644, Data: []byte("new\n")},
 	}
-	last := []criLayerFile{
+	last := []ociimage.Entry{
 		{Name: "etc/", Mode: 0o755, Dir: true},
 		{Name: "etc/motd", Mode: 0o644, Data: []byte("second\n")},
 	}
-	ctdWriteImage(t, path, ref, []criBlob{criTarLayer(t, base), criTarLayer(t, etc), criTarLayer(t, data),
+	ctdWriteImage(t, path, ref, []ociimage.Blob{criTarLayer(t, base), criTarLayer(t, etc), criTarLayer(t, data),
 		criTarLayer(t, top), criTarLayer(t, last)}, []string{"/bin/sleep", "1000000"})
 }
 

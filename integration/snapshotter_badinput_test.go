@@ -31,15 +31,7 @@ func TestSnapshotterBadInput(t *testing.T) {
 	bin := snapBuild(t, dir)
 	cfg := snapWriteConfig(t, dir, snapTestConfig)
 	root := filepath.Join(dir, "root")
-	d, err := startSnapDaemon(bin, cfg, root, filepath.Join(dir, "s.sock"), filepath.Join(dir, "daemon.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := d.close(); err != nil {
-			t.Error(err)
-		}
-	})
+	d := startSnapDaemonT(t, bin, cfg, root, filepath.Join(dir, "s.sock"), filepath.Join(dir, "daemon.log"))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	raw := snapshotsapi.NewSnapshotsClient(d.conn)

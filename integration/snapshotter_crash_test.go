@@ -53,16 +53,9 @@ func TestSnapshotterCrashSafety(t *testing.T) {
 			sock := filepath.Join(base, "s.sock")
 			logPath := filepath.Join(base, "daemon.log")
 			ctx := context.Background()
-			d, err := startSnapDaemon(bin, cfg, root, sock, logPath, crashEnv+"="+tc.step)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := d.close(); err != nil {
-					t.Error(err)
-				}
-			})
+			d := startSnapDaemonT(t, bin, cfg, root, sock, logPath, crashEnv+"="+tc.step)
 			mnt := filepath.Join(base, "mnt")
+			var err error
 
 			// Setup that does not pass the fault step, then the operation
 			// that does.

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -67,6 +68,22 @@ type snapDaemon struct {
 func startSnapDaemon(bin, cfg, root, sock, logPath string, env ...string) (*snapDaemon, error) {
 	d := &snapDaemon{bin: bin, cfg: cfg, root: root, sock: sock, env: env}
 	return d, d.start(logPath)
+}
+
+// startSnapDaemonT is startSnapDaemon for a test: it fails t if the daemon
+// does not serve, and stops it (purging its devices) at cleanup.
+func startSnapDaemonT(t *testing.T, bin, cfg, root, sock, logPath string, env ...string) *snapDaemon {
+	t.Helper()
+	d, err := startSnapDaemon(bin, cfg, root, sock, logPath, env...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return d
 }
 
 func (d *snapDaemon) start(logPath string) error {
@@ -159,24 +176,9 @@ func snapPurge(root string) error {
 	cfg.Root = root
 	cfg.DefaultSize = 64 << 20
 	ctx := context.Background()
-	s, err := snapshot.New(ctx, cfg)
+	s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 	if err != nil {
 		return fmt.Errorf("purge %s: %w", root, err)
 	}
 	return errors.Join(s.Purge(ctx), s.Close())
-}
-
-// snapWithTempDir points os.TempDir (where containerd's suite makes its
-// directories) at dir until t's cleanup, which runs after t's parallel
-// subtests have finished.
-func snapWithTempDir(t *testing.T, dir string) {
-	old, had := os.LookupEnv("TMPDIR")
-	os.Setenv("TMPDIR", dir)
-	t.Cleanup(func() {
-		if had {
-			os.Setenv("TMPDIR", old)
-		} else {
-			os.Unsetenv("TMPDIR")
-		}
-	})
 }

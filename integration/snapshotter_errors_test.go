@@ -35,15 +35,7 @@ func TestSnapshotterErrorCodes(t *testing.T) {
 	small := filepath.Join(dir, "small")
 	testfs.MountTmpfs(t, small, 48<<20)
 	logPath := filepath.Join(dir, "daemon.log")
-	d, err := startSnapDaemon(bin, cfg, filepath.Join(small, "root"), filepath.Join(dir, "s.sock"), logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := d.close(); err != nil {
-			t.Error(err)
-		}
-	})
+	d := startSnapDaemonT(t, bin, cfg, filepath.Join(small, "root"), filepath.Join(dir, "s.sock"), logPath)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	raw := snapshotsapi.NewSnapshotsClient(d.conn)

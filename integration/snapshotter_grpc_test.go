@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
@@ -59,20 +58,7 @@ func TestSnapshotterGRPCSuite(t *testing.T) {
 				}
 				return d.sn, func() error { return errors.Join(d.close(), os.RemoveAll(sockDir)) }, nil
 			}
-			t.Run("ext4", func(t *testing.T) {
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				snapWithTempDir(t, base)
-				testsuite.SnapshotterSuite(t, m.suiteName, factory)
-			})
-			t.Run("xfs-reflink", func(t *testing.T) {
-				testutil.RequireBinaries(t, "mkfs.xfs")
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				mnt := testfs.MountReflinkXFS(t, base, 4<<30)
-				snapWithTempDir(t, mnt)
-				testsuite.SnapshotterSuite(t, m.suiteName, factory)
-			})
+			testfs.SnapshotterSuite(t, m.suiteName, factory)
 		})
 	}
 }
@@ -147,15 +133,7 @@ func TestSnapshotterMetrics(t *testing.T) {
 	bin := snapBuild(t, dir)
 	cfg := snapWriteConfig(t, dir, snapTestConfig+"metrics_address = \"127.0.0.1:0\"\n")
 	logPath := filepath.Join(dir, "daemon.log")
-	d, err := startSnapDaemon(bin, cfg, filepath.Join(dir, "root"), filepath.Join(dir, "s.sock"), logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := d.close(); err != nil {
-			t.Error(err)
-		}
-	})
+	d := startSnapDaemonT(t, bin, cfg, filepath.Join(dir, "root"), filepath.Join(dir, "s.sock"), logPath)
 	ctx := context.Background()
 	if _, err := d.sn.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)

@@ -66,15 +66,7 @@ func TestSnapshotterLayeredCrashSafety(t *testing.T) {
 			sock := filepath.Join(base, "s.sock")
 			logPath := filepath.Join(base, "daemon.log")
 			ctx := context.Background()
-			d, err := startSnapDaemon(bin, cfg, root, sock, logPath)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := d.close(); err != nil {
-					t.Error(err)
-				}
-			})
+			d := startSnapDaemonT(t, bin, cfg, root, sock, logPath)
 			mnt := filepath.Join(base, "mnt")
 			// A base layer, made before the fault is armed.
 			ms, err := d.sn.Prepare(ctx, "extract-base", "")

@@ -22,6 +22,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/loopkit/loopkit/internal/ociimage"
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -42,7 +44,7 @@ func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, er
 		cfg.Root = root
 		cfg.Mode = strings.TrimPrefix(kind, "loop-")
 		cfg.DefaultSize = config.ByteSize(size)
-		s, err := snapshot.New(ctx, cfg)
+		s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 		if err != nil {
 			return nil, err
 		}
@@ -78,15 +80,15 @@ func openInproc(ctx context.Context, kind, root string, size int64) (*inproc, er
 }
 
 // contentStore ingests the image's layers into a local content store.
-func contentStore(ctx context.Context, dir string, img *benchImage) (content.Store, []rootfs.Layer, error) {
+func contentStore(ctx context.Context, dir string, img *ociimage.Image) (content.Store, []rootfs.Layer, error) {
 	cs, err := local.NewStore(dir)
 	if err != nil {
 		return nil, nil, err
 	}
 	var layers []rootfs.Layer
-	for i, l := range img.layers {
-		desc := ocispec.Descriptor{MediaType: l.mediaType, Digest: digest.Digest(l.digest()), Size: int64(len(l.data))}
-		if err := content.WriteBlob(ctx, cs, fmt.Sprintf("layer-%d", i), bytes.NewReader(l.data), desc); err != nil {
+	for i, l := range img.Layers {
+		desc := ocispec.Descriptor{MediaType: l.MediaType, Digest: digest.Digest(l.Digest()), Size: int64(len(l.Data))}
+		if err := content.WriteBlob(ctx, cs, fmt.Sprintf("layer-%d", i), bytes.NewReader(l.Data), desc); err != nil {
 			return nil, nil, err
 		}
 		// Uncompressed layers: the diff id is the blob digest.
@@ -173,7 +175,7 @@ func layers128(ctx context.Context, sn snapshots.Snapshotter, work string) (time
 func purgeLoop(ctx context.Context, root string) {
 	cfg := config.DefaultSnapshotter()
 	cfg.Root = root
-	s, err := snapshot.New(ctx, cfg)
+	s, err := snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
 	if err != nil {
 		logf("purge %s: %v", root, err)
 		return

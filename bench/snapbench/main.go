@@ -24,6 +24,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/ociimage"
 	"github.com/loopkit/loopkit/pkg/loopdev"
 )
 
@@ -116,23 +117,23 @@ func run(work string, fss []string, o options) error {
 		return err
 	}
 	archive := filepath.Join(base, "image.tar")
-	if err := img.writeArchive(archive); err != nil {
+	if err := img.WriteArchive(archive); err != nil {
 		return err
 	}
-	logf("image: %d layers, %d MiB", nLayers, img.size()>>20)
+	logf("image: %d layers, %d MiB", nLayers, img.Size()>>20)
 	pc, err := makeImage("loopkit.bench/pagecache:v1", busybox, 1, 100<<20, 100<<20)
 	if err != nil {
 		return err
 	}
 	pcArchive := filepath.Join(base, "pagecache.tar")
-	if err := pc.writeArchive(pcArchive); err != nil {
+	if err := pc.WriteArchive(pcArchive); err != nil {
 		return err
 	}
 
 	var results []result
 	var scaled []scaleResult
 	for _, fsType := range fss {
-		rs, ss, err := benchFS(ctx, base, fsType, img, archive, pc.ref, pcArchive, busybox, o)
+		rs, ss, err := benchFS(ctx, base, fsType, img, archive, pc.Ref, pcArchive, busybox, o)
 		results = append(results, rs...)
 		scaled = append(scaled, ss...)
 		if err != nil {
@@ -356,7 +357,7 @@ func allocatedUnder(dir string) int64 {
 	return n
 }
 
-func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive, pcRef, pcArchive, busybox string, o options) ([]result, []scaleResult, error) {
+func benchFS(ctx context.Context, base, fsType string, img *ociimage.Image, archive, pcRef, pcArchive, busybox string, o options) ([]result, []scaleResult, error) {
 	runs, imgSize, snapBin, skipBlock := o.runs, o.imgSize, o.snapBin, o.skipBlock
 	mnt, undo, err := withFS(ctx, base, fsType)
 	if err != nil {
@@ -371,7 +372,7 @@ func benchFS(ctx context.Context, base, fsType string, img *benchImage, archive,
 	return out, ss, err
 }
 
-func benchFSOn(ctx context.Context, mnt, fsType string, img *benchImage, archive, pcRef, pcArchive string, runs int, imgSize int64, snapBin string, skipBlock bool) ([]result, error) {
+func benchFSOn(ctx context.Context, mnt, fsType string, img *ociimage.Image, archive, pcRef, pcArchive string, runs int, imgSize int64, snapBin string, skipBlock bool) ([]result, error) {
 	var out []result
 
 	// In-process: the same unpack code (pkg/rootfs.ApplyLayers) and the
@@ -470,11 +471,11 @@ func benchFSOn(ctx context.Context, mnt, fsType string, img *benchImage, archive
 		}
 		if r.err == nil {
 			logf("%s/%s (daemon): %d x ctr run --rm", fsType, label, runs)
-			r.p50, r.p99, r.err = d.startLatency(sn, img.ref, runs)
+			r.p50, r.p99, r.err = d.startLatency(sn, img.Ref, runs)
 		}
 		if r.err == nil {
 			logf("%s/%s (daemon): new container's disk", fsType, label)
-			r.perContainer, r.err = d.newContainerBytes(sn, img.ref, free)
+			r.perContainer, r.err = d.newContainerBytes(sn, img.Ref, free)
 		}
 		if r.err == nil {
 			logf("%s/%s (daemon): page cache of 10 readers", fsType, label)
@@ -489,12 +490,12 @@ func benchFSOn(ctx context.Context, mnt, fsType string, img *benchImage, archive
 	return out, nil
 }
 
-func report(rs []result, img *benchImage, runs int, imgSize int64) {
+func report(rs []result, img *ociimage.Image, runs int, imgSize int64) {
 	host, _ := os.Hostname()
 	var uts unix.Utsname
 	unix.Uname(&uts)
 	fmt.Printf("Image: %d layers, %d MiB of incompressible data (uncompressed tars). Loop images and blockfile's scratch: %d MiB; 128-layer runs use 64 MiB images. Kernel %s, host %s.\n\n",
-		len(img.layers), img.size()>>20, imgSize>>20, strings.TrimRight(string(uts.Release[:]), "\x00"), host)
+		len(img.Layers), img.Size()>>20, imgSize>>20, strings.TrimRight(string(uts.Release[:]), "\x00"), host)
 	fmt.Println("| backing fs | snapshotter | via | unpack | free-space delta after unpack | allocated (st_blocks sum) | ctr run --rm p50 | p99 | 128LayersMount | new container before writing | page cache, 10 readers of 100 MiB |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rs {

@@ -16,7 +16,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/containerd/log"
@@ -25,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/loopkit/loopkit/internal/server"
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 	"github.com/loopkit/loopkit/pkg/snapshot"
 )
@@ -36,7 +36,7 @@ var (
 )
 
 // crashEnv names a step at which the process kills itself with SIGKILL
-// (crash-safety tests only; see snapshot.WithFaultHook).
+// (crash-safety tests only; see snapadmin.WithFaultHook).
 const crashEnv = "LOOP_SNAPSHOTTER_TEST_CRASH_AT"
 
 func main() {
@@ -149,17 +149,12 @@ func serve(o *options) error {
 	} else if _, err := os.Stat(o.configPath); errors.Is(err, os.ErrNotExist) {
 		log.G(ctx).WithField("config", o.configPath).Info("no configuration file: using built-in defaults")
 	}
-	var opts []snapshot.Opt
 	if step := os.Getenv(crashEnv); step != "" {
-		opts = append(opts, snapshot.WithFaultHook(func(s string) {
-			if s == step {
-				log.G(ctx).WithField("step", s).Warn("test fault hook: killing myself")
-				syscall.Kill(os.Getpid(), syscall.SIGKILL)
-				select {}
-			}
-		}))
+		ctx = snapadmin.WithFaultHook(ctx, snapadmin.KillAt(ctx, step))
 	}
-	build := func(ctx context.Context) (*snapshot.Snapshotter, error) { return snapshot.New(ctx, o.cfg, opts...) }
+	build := func(ctx context.Context) (snapadmin.Snapshotter, error) {
+		return snapadmin.From(snapshot.NewSnapshotter(ctx, o.cfg))
+	}
 	return server.Run(ctx, server.Options{Address: o.cfg.Address, MetricsAddress: o.cfg.MetricsAddress, Root: o.cfg.Root, Version: version}, build)
 }
 

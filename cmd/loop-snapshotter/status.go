@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/loopkit/loopkit/internal/server"
-	"github.com/loopkit/loopkit/pkg/snapshot"
+	"github.com/loopkit/loopkit/internal/snapadmin"
 )
 
 func runStatus(args []string, stdout io.Writer) error {
@@ -37,7 +37,7 @@ func runStatus(args []string, stdout io.Writer) error {
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var st snapshot.Status
+	var st snapadmin.Status
 	if err := conn.Invoke(ctx, server.StatusMethod, &struct{}{}, &st, grpc.CallContentSubtype(server.StatusCodec)); err != nil {
 		return fmt.Errorf("query %s: %s", o.cfg.Address, status.Convert(err).Message())
 	}

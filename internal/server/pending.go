@@ -9,8 +9,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/internal/snapservice"
-	"github.com/loopkit/loopkit/pkg/snapshot"
 )
 
 // errNotServing answers requests that arrive after the snapshotter failed
@@ -24,18 +24,18 @@ var errNotServing = fmt.Errorf("snapshotter is not serving: %w", errdefs.ErrUnav
 // request's context ends.
 type pending struct {
 	ready chan struct{}
-	sn    *snapshot.Snapshotter // set before ready is closed
+	sn    snapadmin.Snapshotter // set before ready is closed
 }
 
 func newPending() *pending { return &pending{ready: make(chan struct{})} }
 
 // set publishes sn (nil: startup failed) and releases the waiting requests.
-func (p *pending) set(sn *snapshot.Snapshotter) {
+func (p *pending) set(sn snapadmin.Snapshotter) {
 	p.sn = sn
 	close(p.ready)
 }
 
-func (p *pending) get(ctx context.Context) (*snapshot.Snapshotter, error) {
+func (p *pending) get(ctx context.Context) (snapadmin.Snapshotter, error) {
 	select {
 	case <-p.ready:
 		if p.sn == nil {
@@ -48,7 +48,7 @@ func (p *pending) get(ctx context.Context) (*snapshot.Snapshotter, error) {
 }
 
 // now returns the snapshotter if it is ready, without waiting.
-func (p *pending) now() *snapshot.Snapshotter {
+func (p *pending) now() snapadmin.Snapshotter {
 	select {
 	case <-p.ready:
 		return p.sn
@@ -64,6 +64,7 @@ type lazySnapshotter struct{ p *pending }
 var (
 	_ snapservice.Snapshotter = lazySnapshotter{}
 	_ snapshots.Cleaner       = lazySnapshotter{}
+	_ statusServer            = lazySnapshotter{}
 )
 
 func (l lazySnapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
@@ -165,10 +166,10 @@ func (l lazySnapshotter) Collect(ch chan<- prometheus.Metric) {
 }
 
 // Status serves the status service through pending.
-func (l lazySnapshotter) Status(ctx context.Context) (snapshot.Status, error) {
+func (l lazySnapshotter) Status(ctx context.Context) (snapadmin.Status, error) {
 	sn, err := l.p.get(ctx)
 	if err != nil {
-		return snapshot.Status{}, err
+		return snapadmin.Status{}, err
 	}
 	return sn.Status(ctx)
 }

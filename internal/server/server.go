@@ -21,8 +21,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/internal/snapservice"
-	"github.com/loopkit/loopkit/pkg/snapshot"
 )
 
 // ErrActivation is returned when systemd passed sockets this daemon cannot
@@ -95,8 +95,9 @@ func listenUnix(address string) (net.Listener, error) {
 }
 
 // Build creates the snapshotter: it takes the root lock and reconciles,
-// which may take long.
-type Build func(ctx context.Context) (*snapshot.Snapshotter, error)
+// which may take long. snapadmin.From(snapshot.NewSnapshotter(ctx, cfg))
+// is one.
+type Build func(ctx context.Context) (snapadmin.Snapshotter, error)
 
 // Run builds the snapshotter and serves it until ctx is cancelled (the
 // caller cancels it on SIGTERM or SIGINT, with the handler installed before

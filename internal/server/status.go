@@ -7,7 +7,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
 
-	"github.com/loopkit/loopkit/pkg/snapshot"
+	"github.com/loopkit/loopkit/internal/snapadmin"
 )
 
 // The status service rides on the snapshotter's socket: the running
@@ -31,7 +31,7 @@ func (jsonCodec) Name() string                       { return StatusCodec }
 func init() { encoding.RegisterCodec(jsonCodec{}) }
 
 type statusServer interface {
-	Status(ctx context.Context) (snapshot.Status, error)
+	Status(ctx context.Context) (snapadmin.Status, error)
 }
 
 var statusDesc = grpc.ServiceDesc{

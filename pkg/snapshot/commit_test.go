@@ -20,7 +20,7 @@ import (
 
 // prepareWritten prepares key, mounts it, writes one file and unmounts it;
 // it returns the image path and the snapshot's device.
-func prepareWritten(t *testing.T, s *Snapshotter, base, key string) (image, device string) {
+func prepareWritten(t *testing.T, s *snapshotter, base, key string) (image, device string) {
 	t.Helper()
 	ms, err := s.Prepare(context.Background(), key, "")
 	if err != nil {
@@ -152,7 +152,7 @@ func TestMountsCommitRace(t *testing.T) {
 	ctx := context.Background()
 	read := make(chan struct{})
 	mountsErr := make(chan error, 1)
-	var s *Snapshotter
+	var s *snapshotter
 	hook := func(step string) {
 		switch step {
 		case "mounts-read":
@@ -169,7 +169,7 @@ func TestMountsCommitRace(t *testing.T) {
 	}
 	cfg := testConfig(filepath.Join(base, "root"))
 	var err error
-	s, err = New(ctx, cfg, WithFaultHook(hook))
+	s, err = newSnapshotter(ctx, cfg, withFaultHook(hook))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,7 +315,7 @@ func TestModeFile(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "mode"), nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(context.Background(), testConfig(root)); !errdefs.IsFailedPrecondition(err) {
+	if _, err := newSnapshotter(context.Background(), testConfig(root)); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("empty mode file beside metadata: %v, want FailedPrecondition", err)
 	}
 }

@@ -95,7 +95,7 @@ func TestDurableOnBtrfs(t *testing.T) {
 		}
 		copies = append(copies, cp)
 	}
-	s, err := New(ctx, testConfig(root), WithFaultHook(hook))
+	s, err := newSnapshotter(ctx, testConfig(root), withFaultHook(hook))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +135,7 @@ func TestDurableOnBtrfs(t *testing.T) {
 func checkDurable(t *testing.T, step, root string) {
 	t.Helper()
 	ctx := context.Background()
-	s, err := New(ctx, testConfig(root))
+	s, err := newSnapshotter(ctx, testConfig(root))
 	if err != nil {
 		t.Fatalf("%s: open the crashed root: %v", step, err)
 	}

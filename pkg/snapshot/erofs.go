@@ -80,7 +80,7 @@ func probeDirectIO(ctx context.Context, dir string) bool {
 }
 
 // ensureLayer mounts layer id read-only on l/<id> unless it already is.
-func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
+func (s *snapshotter) ensureLayer(ctx context.Context, id string) error {
 	k := devKey{id, roleLayer}
 	unlock := s.devs.lock(k)
 	defer unlock()
@@ -122,7 +122,7 @@ func (s *Snapshotter) ensureLayer(ctx context.Context, id string) error {
 
 // ensureUpper attaches the snapshot's ext4 image read-write and mounts it
 // on u/<id>/m unless it already is. The caller holds the upper's lock.
-func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths) error {
+func (s *snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths) error {
 	mounted, err := mountinfo.Mounted(up.mnt)
 	if err != nil {
 		return err
@@ -155,7 +155,7 @@ func (s *Snapshotter) ensureUpper(ctx context.Context, id string, up upperPaths)
 // buildFrozen builds the layer from an upper on its ext4 image while that
 // filesystem is frozen: a running container's writes wait (they are not
 // lost and not half in the layer), so the layer is one point in time.
-func (s *Snapshotter) buildFrozen(ctx context.Context, up upperPaths, dst string) error {
+func (s *snapshotter) buildFrozen(ctx context.Context, up upperPaths, dst string) error {
 	f, err := os.Open(up.mnt)
 	if err != nil {
 		return err
@@ -326,7 +326,7 @@ func unmountPath(p string) error {
 
 // layerBacking resolves layer_backing; "auto" probes the kernel once, at
 // startup.
-func (s *Snapshotter) layerBacking(ctx context.Context) (string, error) {
+func (s *snapshotter) layerBacking(ctx context.Context) (string, error) {
 	switch s.cfg.LayerBacking {
 	case backingLoop:
 		return backingLoop, nil

@@ -48,11 +48,11 @@ const (
 
 var layeredDirs = []string{"templates", "layers", "l", "u", "staging", "trash"}
 
-func (s *Snapshotter) layerImage(id string) string {
+func (s *snapshotter) layerImage(id string) string {
 	return filepath.Join(s.root, "layers", id+".erofs")
 }
-func (s *Snapshotter) layerDir(id string) string  { return filepath.Join(s.root, "l", id) }
-func (s *Snapshotter) upperRoot(id string) string { return filepath.Join(s.root, "u", id) }
+func (s *snapshotter) layerDir(id string) string  { return filepath.Join(s.root, "l", id) }
+func (s *snapshotter) upperRoot(id string) string { return filepath.Join(s.root, "u", id) }
 
 // upperPaths are the directories of an active snapshot: on its ext4 image
 // (image != "") or, for an unpack snapshot or a parentless view, plain
@@ -62,7 +62,7 @@ type upperPaths struct {
 	upper, work string
 }
 
-func (s *Snapshotter) upperOf(id string) upperPaths {
+func (s *snapshotter) upperOf(id string) upperPaths {
 	r := s.upperRoot(id)
 	img := filepath.Join(r, "image")
 	if _, err := os.Lstat(img); err == nil {
@@ -95,7 +95,7 @@ func makeUpperTemplate(ctx context.Context, path string, size int64) error {
 }
 
 // lcreate creates an active snapshot or a view in layered mode.
-func (s *Snapshotter) lcreate(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+func (s *snapshotter) lcreate(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
 	var base snapshots.Info
 	for _, o := range opts {
 		if err := o(&base); err != nil {
@@ -146,7 +146,7 @@ func (s *Snapshotter) lcreate(ctx context.Context, kind snapshots.Kind, key, par
 // image cloned from the empty template of its size, or plain directories),
 // then records the snapshot and renames the directory to u/<id> in one
 // short write transaction.
-func (s *Snapshotter) createUpper(ctx context.Context, kind snapshots.Kind, key, parent string, withImage bool, size int64, opts []snapshots.Opt) (storage.Snapshot, error) {
+func (s *snapshotter) createUpper(ctx context.Context, kind snapshots.Kind, key, parent string, withImage bool, size int64, opts []snapshots.Opt) (storage.Snapshot, error) {
 	s.cleanupMu.RLock()
 	defer s.cleanupMu.RUnlock()
 	var tmpl string
@@ -232,7 +232,7 @@ func (s *Snapshotter) createUpper(ctx context.Context, kind snapshots.Kind, key,
 // lmountsOf mounts what the snapshot needs on the host (its parents'
 // layers, its upper image; the caller holds the upper's lock) and returns the mounts containerd runs: an
 // overlay of host paths, a bind mount where there is one directory.
-func (s *Snapshotter) lmountsOf(ctx context.Context, sn storage.Snapshot) ([]mount.Mount, error) {
+func (s *snapshotter) lmountsOf(ctx context.Context, sn storage.Snapshot) ([]mount.Mount, error) {
 	lowers := make([]string, 0, len(sn.ParentIDs))
 	for _, pid := range sn.ParentIDs {
 		if err := s.ensureLayer(ctx, pid); err != nil {
@@ -282,7 +282,7 @@ func bindMount(src, rw string) mount.Mount {
 
 // lmounts returns the mounts of an active snapshot or view, mounting again
 // what is gone (after a reboot, or a crash between steps).
-func (s *Snapshotter) lmounts(ctx context.Context, key string) ([]mount.Mount, error) {
+func (s *snapshotter) lmounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	sn, err := s.getSnapshot(ctx, key)
 	if err != nil {
 		return nil, err
@@ -297,7 +297,7 @@ func (s *Snapshotter) lmounts(ctx context.Context, key string) ([]mount.Mount, e
 	return s.lmountsOf(ctx, sn)
 }
 
-func (s *Snapshotter) getSnapshot(ctx context.Context, key string) (sn storage.Snapshot, err error) {
+func (s *snapshotter) getSnapshot(ctx context.Context, key string) (sn storage.Snapshot, err error) {
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		sn, err = storage.GetSnapshot(ctx, key)
 		return err
@@ -308,7 +308,7 @@ func (s *Snapshotter) getSnapshot(ctx context.Context, key string) (sn storage.S
 // lcommit turns an active snapshot into an erofs layer: freeze its upper
 // (or prove nothing has a plain-directory upper mounted), mkfs.erofs into
 // staging, check, fsync, rename, record; then release the upper.
-func (s *Snapshotter) lcommit(ctx context.Context, name, key string, opts []snapshots.Opt) error {
+func (s *snapshotter) lcommit(ctx context.Context, name, key string, opts []snapshots.Opt) error {
 	id, _, err := s.checkCommit(ctx, name, key)
 	if err != nil {
 		return err
@@ -375,24 +375,8 @@ func (s *Snapshotter) lcommit(ctx context.Context, name, key string, opts []snap
 
 // lremove deletes the record, then unmounts and detaches what the snapshot
 // owned and moves its files to trash.
-func (s *Snapshotter) lremove(ctx context.Context, key string) error {
-	var (
-		id   string
-		kind snapshots.Kind
-	)
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		kind = info.Kind
-		_, _, err = storage.Remove(ctx, key)
-		return err
-	})
+func (s *snapshotter) lremove(ctx context.Context, key string) error {
+	id, _, kind, err := s.removeRecord(ctx, key)
 	if err != nil {
 		return err
 	}
@@ -410,13 +394,13 @@ func (s *Snapshotter) lremove(ctx context.Context, key string) error {
 // releaseUpper unmounts and detaches the upper of snapshot id and moves its
 // directory to trash. Failures are logged: the record is already gone, and
 // Cleanup retries.
-func (s *Snapshotter) releaseUpper(ctx context.Context, id, key string) {
+func (s *snapshotter) releaseUpper(ctx context.Context, id, key string) {
 	unlock := s.devs.lock(devKey{id, roleUpper})
 	defer unlock()
 	s.releaseUpperLocked(ctx, id, key)
 }
 
-func (s *Snapshotter) releaseUpperLocked(ctx context.Context, id, key string) {
+func (s *snapshotter) releaseUpperLocked(ctx context.Context, id, key string) {
 	fields := log.Fields{"key": key, "id": id}
 	up := s.upperOf(id)
 	if up.image != "" {
@@ -435,7 +419,7 @@ func (s *Snapshotter) releaseUpperLocked(ctx context.Context, id, key string) {
 }
 
 // emptyTrash deletes the trash entries of snapshot id.
-func (s *Snapshotter) emptyTrash(ctx context.Context, id string) {
+func (s *snapshotter) emptyTrash(ctx context.Context, id string) {
 	dir := filepath.Join(s.root, "trash")
 	es, err := os.ReadDir(dir)
 	if err != nil {
@@ -451,7 +435,7 @@ func (s *Snapshotter) emptyTrash(ctx context.Context, id string) {
 }
 
 // releaseLayer unmounts layer id, detaches its device and trashes its image.
-func (s *Snapshotter) releaseLayer(ctx context.Context, id, key string) {
+func (s *snapshotter) releaseLayer(ctx context.Context, id, key string) {
 	fields := log.Fields{"key": key, "id": id}
 	k := devKey{id, roleLayer}
 	unlock := s.devs.lock(k)

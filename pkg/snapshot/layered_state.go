@@ -16,6 +16,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/loopkit/loopkit/internal/snapadmin"
 )
 
 // lrecords is what the metadata says exists in a layered root.
@@ -25,7 +27,7 @@ type lrecords struct {
 	owner map[string]bool           // ids that own a u/<id> directory
 }
 
-func (s *Snapshotter) lrecords(ctx context.Context) (lrecords, error) {
+func (s *snapshotter) lrecords(ctx context.Context) (lrecords, error) {
 	r := lrecords{kind: map[string]snapshots.Kind{}, key: map[string]string{}, owner: map[string]bool{}}
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		ids, err := storage.IDMap(ctx)
@@ -81,7 +83,7 @@ func layeredKey(rel string, readOnly bool) devKey {
 // devices under root that no record needs are unmounted and detached, the
 // others adopted; with attach_on_start = "eager" what live snapshots need
 // is mounted now rather than at their next Mounts.
-func (s *Snapshotter) lreconcile(ctx context.Context) error {
+func (s *snapshotter) lreconcile(ctx context.Context) error {
 	staging := filepath.Join(s.root, "staging")
 	entries, err := os.ReadDir(staging)
 	if err != nil {
@@ -147,7 +149,7 @@ func unmountUnder(dir string) {
 // root that no record needs, each under its key's lock with the records
 // read again there (a Prepare may have just made it). With files set it
 // also trashes the upper directories and layer images nobody owns.
-func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
+func (s *snapshotter) sweep(ctx context.Context, files bool) error {
 	var errs []error
 	type orphan struct {
 		k    devKey
@@ -277,7 +279,7 @@ func (s *Snapshotter) sweep(ctx context.Context, files bool) error {
 // lcleanup deletes what Remove and crashes left: orphan mounts, devices,
 // upper directories and layer images, staging entries older than
 // cleanup_grace, and the trash.
-func (s *Snapshotter) lcleanup(ctx context.Context) error {
+func (s *snapshotter) lcleanup(ctx context.Context) error {
 	var errs []error
 	s.cleanupMu.Lock()
 	if err := s.sweep(ctx, true); err != nil {
@@ -308,7 +310,7 @@ func (s *Snapshotter) lcleanup(ctx context.Context) error {
 // count (stored at Commit); an active snapshot the used bytes and inodes
 // of its mounted upper filesystem (statfs, current while the container
 // runs), else of its upper directory; a view owns nothing.
-func (s *Snapshotter) lusage(ctx context.Context, key string) (snapshots.Usage, error) {
+func (s *snapshotter) lusage(ctx context.Context, key string) (snapshots.Usage, error) {
 	var (
 		id    string
 		info  snapshots.Info
@@ -330,7 +332,7 @@ func (s *Snapshotter) lusage(ctx context.Context, key string) (snapshots.Usage, 
 	return s.upperUsage(ctx, id)
 }
 
-func (s *Snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usage, error) {
+func (s *snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usage, error) {
 	up := s.upperOf(id)
 	if up.image == "" {
 		du, err := fs.DiskUsage(ctx, up.upper)
@@ -350,29 +352,17 @@ func (s *Snapshotter) upperUsage(ctx context.Context, id string) (snapshots.Usag
 }
 
 // lstatus is Status in layered mode.
-func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
-	entries, err := s.statusEntries(ctx)
+func (s *snapshotter) lstatus(ctx context.Context) (snapadmin.Status, error) {
+	st, entries, own, byKey, err := s.statusStart(ctx)
 	if err != nil {
-		return Status{}, err
-	}
-	own, err := s.ownDevices()
-	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
 	recs, err := s.lrecords(ctx)
 	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
-	byKey := map[devKey]ownDevice{}
-	for _, d := range own {
-		if d.key.id != "" {
-			byKey[d.key] = d
-		}
-	}
-	st := s.statusHead()
-	st.devices = len(own)
 	for _, e := range entries {
-		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
+		ss := snapadmin.SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		k := devKey{e.id, roleLayer}
 		switch e.info.Kind {
 		case snapshots.KindActive:
@@ -397,7 +387,7 @@ func (s *Snapshotter) lstatus(ctx context.Context) (Status, error) {
 		if (d.key.id != "" && recs.needed(d.key)) || d.detachPending() {
 			continue
 		}
-		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
+		st.Orphans = append(st.Orphans, snapadmin.DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
 	}
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].Key < st.Snapshots[j].Key })
 	s.statusTail(&st)

@@ -23,7 +23,7 @@ import (
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
-func newLayered(t *testing.T, mutate func(*config.Snapshotter)) (*Snapshotter, string) {
+func newLayered(t *testing.T, mutate func(*config.Snapshotter)) (*snapshotter, string) {
 	t.Helper()
 	return newTestSnapshotter(t, func(c *config.Snapshotter) {
 		c.Mode = config.ModeLayered
@@ -43,18 +43,7 @@ func mountAll(t *testing.T, ms []mount.Mount, dir string) func() {
 	if err := mount.All(ms, dir); err != nil {
 		t.Fatalf("mount %v on %s: %v", ms, dir, err)
 	}
-	done := false
-	unmount := func() {
-		if done {
-			return
-		}
-		done = true
-		if err := mount.UnmountAll(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	}
-	t.Cleanup(unmount)
-	return unmount
+	return unmountAtCleanup(t, dir)
 }
 
 func upperdirOf(t *testing.T, ms []mount.Mount) string {
@@ -299,9 +288,9 @@ func TestLayeredRestart(t *testing.T) {
 	testutil.NoLeaks(t, base)
 	cfg := testConfigMode(filepath.Join(base, "root"), config.ModeLayered)
 	ctx := context.Background()
-	open := func() *Snapshotter {
+	open := func() *snapshotter {
 		t.Helper()
-		s, err := New(ctx, cfg)
+		s, err := newSnapshotter(ctx, cfg)
 		must(t, err)
 		return s
 	}
@@ -364,7 +353,7 @@ func TestLayeredRemoveAndOrphans(t *testing.T) {
 	cfg := testConfigMode(filepath.Join(base, "root"), config.ModeLayered)
 	cfg.LayerBacking = backingLoop
 	ctx := context.Background()
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	must(t, err)
 	t.Cleanup(func() {
 		s.Purge(ctx)
@@ -387,7 +376,7 @@ func TestLayeredRemoveAndOrphans(t *testing.T) {
 		return err
 	}))
 	must(t, s.Close())
-	s, err = New(ctx, cfg)
+	s, err = newSnapshotter(ctx, cfg)
 	must(t, err)
 	if ok, _ := mountinfo.Mounted(filepath.Join(s.upperRoot(oid), "m")); ok {
 		t.Errorf("orphan upper still mounted after restart")
@@ -423,26 +412,26 @@ func TestModeOfRoot(t *testing.T) {
 	testutil.NoLeaks(t, base)
 	ctx := context.Background()
 	cfg := testConfigMode(filepath.Join(base, "root"), "")
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	must(t, err)
-	if s.Mode() != config.ModeLayered {
-		t.Errorf("new root mode %q, want layered", s.Mode())
+	if s.mode != config.ModeLayered {
+		t.Errorf("new root mode %q, want layered", s.mode)
 	}
 	must(t, s.Close())
 	cfg.Mode = config.ModeFlat
-	_, err = New(ctx, cfg)
+	_, err = newSnapshotter(ctx, cfg)
 	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "layered-mode store") || strings.Contains(err.Error(), "\n") {
 		t.Errorf("flat on a layered root: %v", err)
 	}
 	cfg2 := testConfigMode(filepath.Join(base, "flat"), config.ModeFlat)
-	s, err = New(ctx, cfg2)
+	s, err = newSnapshotter(ctx, cfg2)
 	must(t, err)
 	must(t, s.Close())
 	cfg2.Mode = ""
-	s, err = New(ctx, cfg2)
+	s, err = newSnapshotter(ctx, cfg2)
 	must(t, err)
-	if s.Mode() != config.ModeFlat {
-		t.Errorf("unset mode on a flat root: %q", s.Mode())
+	if s.mode != config.ModeFlat {
+		t.Errorf("unset mode on a flat root: %q", s.mode)
 	}
 	must(t, s.Close())
 }

@@ -39,7 +39,7 @@ var (
 )
 
 // Describe implements prometheus.Collector.
-func (s *Snapshotter) Describe(ch chan<- *prometheus.Desc) {
+func (s *snapshotter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSnapshots, descDevices, descAllocated, descClones, descResizes,
 		descReplays, descLazy, descOrphans, descDataLoss, descMode, descLayerMounts} {
 		ch <- d
@@ -49,7 +49,7 @@ func (s *Snapshotter) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector. One Status per scrape: one
 // read transaction, and loop devices found through sysfs only (opening
 // other owners' devices would make their detaches lazy).
-func (s *Snapshotter) Collect(ch chan<- prometheus.Metric) {
+func (s *snapshotter) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
@@ -68,7 +68,7 @@ func (s *Snapshotter) Collect(ch chan<- prometheus.Metric) {
 		for _, k := range []string{"Active", "View", "Committed"} {
 			gauge(descSnapshots, float64(kinds[k]), k)
 		}
-		gauge(descDevices, float64(st.devices))
+		gauge(descDevices, float64(st.Devices))
 		gauge(descAllocated, float64(allocated))
 		if s.layered() {
 			var mounted int

@@ -33,7 +33,7 @@ func (d ownDevice) detachPending() bool { return d.info.Autoclear }
 // ours only if that path is under root. loopdev.List reads sysfs only:
 // status and metrics scrapes open no device (an open of another owner's
 // device would turn its detach lazy).
-func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
+func (s *snapshotter) ownDevices() ([]ownDevice, error) {
 	under := func(p string) (string, bool) {
 		rel, err := filepath.Rel(s.root, p)
 		return rel, err == nil && rel != "." && !strings.HasPrefix(rel, "..")
@@ -67,7 +67,7 @@ func (s *Snapshotter) ownDevices() ([]ownDevice, error) {
 // go to trash (nothing is in flight yet), devices of live snapshots are
 // adopted (autoclear cleared), the others are detached, and with
 // attach_on_start = "eager" missing devices are attached.
-func (s *Snapshotter) reconcile(ctx context.Context) error {
+func (s *snapshotter) reconcile(ctx context.Context) error {
 	if s.layered() {
 		return s.lreconcile(ctx)
 	}
@@ -127,7 +127,7 @@ func (s *Snapshotter) reconcile(ctx context.Context) error {
 // directories older than cleanup_grace, snapshot directories with no
 // record, and loop devices on images under root that no live snapshot
 // needs.
-func (s *Snapshotter) Cleanup(ctx context.Context) error {
+func (s *snapshotter) Cleanup(ctx context.Context) error {
 	if s.layered() {
 		return s.lcleanup(ctx)
 	}
@@ -187,7 +187,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // uppers) of sizes other than default_size: there is one per distinct size
 // a Prepare asked for. The caller holds cleanupMu, so no clone reads a template meanwhile;
 // the default_size one keeps the next plain Prepare from running mkfs.
-func (s *Snapshotter) pruneTemplates() error {
+func (s *snapshotter) pruneTemplates() error {
 	s.tmplMu.Lock()
 	defer s.tmplMu.Unlock()
 	dir := filepath.Join(s.root, "templates")
@@ -213,7 +213,7 @@ func (s *Snapshotter) pruneTemplates() error {
 
 // detachOrphan detaches d unless, under its device lock, a snapshot created
 // meanwhile turns out to need it.
-func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
+func (s *snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
 	if d.key.id != "" {
 		unlock := s.devs.lock(d.key)
 		defer unlock()
@@ -229,7 +229,7 @@ func (s *Snapshotter) detachOrphan(ctx context.Context, d ownDevice) error {
 	return s.detachOrphanDevice(ctx, d)
 }
 
-func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error {
+func (s *snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error {
 	log.G(ctx).WithFields(deviceFields(d.info.Record(), d.info.BackingFile)).Info("detaching orphan device")
 	if err := s.devs.detachRecord(ctx, d.info.Record(), d.image); err != nil {
 		return err
@@ -241,7 +241,7 @@ func (s *Snapshotter) detachOrphanDevice(ctx context.Context, d ownDevice) error
 // Purge detaches every loop device backed by a file under root. Tests call
 // it before Close so that a conformance-suite run leaves no device behind;
 // the daemon never does (running containers keep their devices).
-func (s *Snapshotter) Purge(ctx context.Context) error {
+func (s *snapshotter) Purge(ctx context.Context) error {
 	if s.layered() {
 		// Uppers first: their overlays' lowers are the layer mounts.
 		unmountUnder(filepath.Join(s.root, "u"))

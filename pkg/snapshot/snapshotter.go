@@ -1,8 +1,20 @@
-// Package snapshot implements loop-snapshotter's flat mode: a containerd
-// snapshotter whose snapshots are ext4 image files, each attached to its own
-// loop device through pkg/loopdev.
+// Package snapshot implements the loop snapshotter, a containerd
+// snapshotter whose writable snapshots are size-limited ext4 images on loop
+// devices (pkg/loopdev). In layered mode (the default, see layered.go)
+// committed layers are shared erofs images; in flat mode every snapshot is
+// one cumulative ext4 image on its own device.
 //
-// Layout under root:
+// The package follows containerd's rule for snapshotters: NewSnapshotter
+// returns containerd's snapshots.Snapshotter (the value also implements
+// snapshots.Cleaner) and the concrete type is unexported. Link it into
+// containerd with pkg/snapshot/plugin, or run the loop-snapshotter binary,
+// which serves it over containerd's proxy API. What only that binary uses
+// (its status service, metrics, Purge and the crash tests' fault hook) is
+// not exported here: the binary reaches it through an internal package,
+// because those types are the daemon's wire format and test seams, of no
+// use to an embedder and not worth freezing as an API.
+//
+// Flat-mode layout under root:
 //
 //	lock                 flock held by the running instance
 //	mode                 storage mode of this root ("flat")
@@ -38,6 +50,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/pkg/config"
 )
 
@@ -45,22 +58,20 @@ import (
 // core/snapshots.LabelSnapshotMaxSize), in decimal bytes.
 const LabelMaxSize = "containerd.io/snapshot/max-size"
 
-// ErrRootInUse is returned by New when another instance holds the root.
+// ErrRootInUse is returned by NewSnapshotter when another instance holds the root.
 var ErrRootInUse = errors.New("snapshotter root is in use by another instance")
 
-// Opt configures a Snapshotter.
-type Opt func(*Snapshotter)
+// Opt configures the snapshotter NewSnapshotter builds.
+type Opt func(*snapshotter)
 
-// WithFaultHook installs a test hook called at each named step of Prepare,
-// Mounts, Commit and Remove (crash-safety tests kill the process there;
-// race tests run another call there).
-func WithFaultHook(fn func(step string)) Opt {
-	return func(s *Snapshotter) { s.fault = fn }
+// withFaultHook is the in-package tests' form of snapadmin.WithFaultHook.
+func withFaultHook(fn func(step string)) Opt {
+	return func(s *snapshotter) { s.fault = fn }
 }
 
-// Snapshotter is the flat-mode loop snapshotter. It implements
+// snapshotter is the loop snapshotter, in either storage mode. It implements
 // snapshots.Snapshotter and snapshots.Cleaner.
-type Snapshotter struct {
+type snapshotter struct {
 	root    string
 	cfg     config.Snapshotter
 	mode    string // resolved storage mode of this root
@@ -89,13 +100,24 @@ type Snapshotter struct {
 }
 
 var (
-	_ snapshots.Snapshotter = (*Snapshotter)(nil)
-	_ snapshots.Cleaner     = (*Snapshotter)(nil)
+	_ snapshots.Snapshotter = (*snapshotter)(nil)
+	_ snapshots.Cleaner     = (*snapshotter)(nil)
+	_ snapadmin.Snapshotter = (*snapshotter)(nil)
 )
 
-// New opens (or creates) the snapshotter state under cfg.Root, reconciles
-// loop devices with the metadata and returns a ready snapshotter.
-func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter, error) {
+// NewSnapshotter opens (or creates) the snapshotter state under cfg.Root,
+// reconciles loop devices with the metadata and returns a ready
+// snapshotter. It also implements snapshots.Cleaner. Close it to release
+// the root; its loop devices stay attached (running containers use them).
+func NewSnapshotter(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (snapshots.Snapshotter, error) {
+	s, err := newSnapshotter(ctx, cfg, opts...)
+	if err != nil {
+		return nil, err // not a typed nil in the interface
+	}
+	return s, nil
+}
+
+func newSnapshotter(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*snapshotter, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -103,7 +125,10 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	if err != nil {
 		return nil, err
 	}
-	s := &Snapshotter{root: root, cfg: cfg, fault: func(string) {}, damaged: map[string]string{}}
+	s := &snapshotter{root: root, cfg: cfg, fault: func(string) {}, damaged: map[string]string{}}
+	if fn := snapadmin.FaultHook(ctx); fn != nil {
+		s.fault = fn
+	}
 	for _, o := range opts {
 		o(s)
 	}
@@ -163,7 +188,7 @@ func New(ctx context.Context, cfg config.Snapshotter, opts ...Opt) (*Snapshotter
 	return s, nil
 }
 
-func (s *Snapshotter) lockRoot() error {
+func (s *snapshotter) lockRoot() error {
 	f, err := os.OpenFile(filepath.Join(s.root, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return fmt.Errorf("open root lock: %w", err)
@@ -185,7 +210,7 @@ func (s *Snapshotter) lockRoot() error {
 // A root made in another mode than the configured one is refused: the two
 // layouts share no file. A mode file left empty (a crash on first start by
 // an older version) in a root that has no metadata yet is a first start.
-func (s *Snapshotter) checkMode() error {
+func (s *snapshotter) checkMode() error {
 	p := filepath.Join(s.root, "mode")
 	b, err := os.ReadFile(p)
 	if err == nil && len(bytes.TrimSpace(b)) == 0 {
@@ -244,17 +269,14 @@ func writeModeFile(p, mode string) error {
 	return nil
 }
 
-// Mode returns the storage mode of the open root ("layered" or "flat").
-func (s *Snapshotter) Mode() string { return s.mode }
+func (s *snapshotter) layered() bool { return s.mode == config.ModeLayered }
 
-func (s *Snapshotter) layered() bool { return s.mode == config.ModeLayered }
-
-func (s *Snapshotter) imagePath(id string) string {
+func (s *snapshotter) imagePath(id string) string {
 	return filepath.Join(s.root, "snapshots", id, "image")
 }
 
 // Stat returns the info of a snapshot by key or name.
-func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+func (s *snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		_, info, _, err = storage.GetInfo(ctx, key)
 		return err
@@ -263,7 +285,7 @@ func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info
 }
 
 // Update changes the labels of a snapshot; other field paths are rejected.
-func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (_ snapshots.Info, err error) {
+func (s *snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (_ snapshots.Info, err error) {
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		info, err = storage.UpdateInfo(ctx, info, fieldpaths...)
 		return err
@@ -272,7 +294,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 }
 
 // Walk calls fn for every snapshot matching the filters.
-func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+func (s *snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
 	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		return storage.WalkInfo(ctx, fn, filters...)
 	})
@@ -281,7 +303,7 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 // Usage reports what a snapshot uses (see imageUsage): measured now for an
 // active snapshot, the value stored at Commit for a committed one, nothing
 // for a view of a parent (it shares the parent's image).
-func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
+func (s *snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Usage, err error) {
 	if s.layered() {
 		return s.lusage(ctx, key)
 	}
@@ -317,7 +339,7 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (usage snapshots.Us
 	return imageUsage(s.imagePath(id), parentImage(s, parentID), mnt)
 }
 
-func parentImage(s *Snapshotter, parentID string) string {
+func parentImage(s *snapshotter, parentID string) string {
 	if parentID == "" {
 		return ""
 	}
@@ -326,7 +348,7 @@ func parentImage(s *Snapshotter, parentID string) string {
 
 // Prepare creates an active snapshot: a clone of the parent image (or of an
 // empty template) attached read-write.
-func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+func (s *snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	if s.layered() {
 		return s.lcreate(ctx, snapshots.KindActive, key, parent, opts)
 	}
@@ -336,7 +358,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 // View creates a read-only snapshot of a committed parent. It shares the
 // parent's image through one read-only device; a view without a parent
 // gets its own empty image.
-func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+func (s *snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	if s.layered() {
 		return s.lcreate(ctx, snapshots.KindView, key, parent, opts)
 	}
@@ -348,7 +370,7 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 // containerd's erofs snapshotter: a value that is not a number, or is below
 // the minimum, falls back to default_size, and one above max_size is
 // capped, each with a warning; neither fails the Prepare.
-func (s *Snapshotter) targetSize(ctx context.Context, key string, labels map[string]string) int64 {
+func (s *snapshotter) targetSize(ctx context.Context, key string, labels map[string]string) int64 {
 	def := int64(s.cfg.DefaultSize)
 	v, ok := labels[LabelMaxSize]
 	if !ok {
@@ -370,7 +392,7 @@ func (s *Snapshotter) targetSize(ctx context.Context, key string, labels map[str
 	return (n + blockSize - 1) / blockSize * blockSize
 }
 
-func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+func (s *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
 	var base snapshots.Info
 	for _, o := range opts {
 		if err := o(&base); err != nil {
@@ -408,7 +430,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 
 // checkNew verifies that key is free and that parent, if any, is
 // committed, and returns the parent's id.
-func (s *Snapshotter) checkNew(ctx context.Context, key, parent string) (parentID string, err error) {
+func (s *snapshotter) checkNew(ctx context.Context, key, parent string) (parentID string, err error) {
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		if _, _, _, err := storage.GetInfo(ctx, key); err == nil {
 			return fmt.Errorf("snapshot %v: %w", key, errdefs.ErrAlreadyExists)
@@ -434,7 +456,7 @@ func (s *Snapshotter) checkNew(ctx context.Context, key, parent string) (parentI
 // createImage clones the source image into staging, then records the
 // snapshot and renames the staging directory to snapshots/<id> in one short
 // write transaction.
-func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key, parent, parentID string, size int64, opts []snapshots.Opt) (storage.Snapshot, error) {
+func (s *snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key, parent, parentID string, size int64, opts []snapshots.Opt) (storage.Snapshot, error) {
 	s.cleanupMu.RLock()
 	defer s.cleanupMu.RUnlock()
 
@@ -531,7 +553,7 @@ func (s *Snapshotter) createImage(ctx context.Context, kind snapshots.Kind, key,
 
 // attachNew attaches the device of a just-created snapshot and returns its
 // mounts; if the attach fails, the record is removed again.
-func (s *Snapshotter) attachNew(ctx context.Context, key string, sn storage.Snapshot, k devKey, image string) ([]mount.Mount, error) {
+func (s *snapshotter) attachNew(ctx context.Context, key string, sn storage.Snapshot, k devKey, image string) ([]mount.Mount, error) {
 	rec, err := s.devs.ensure(ctx, k, image)
 	if err == nil {
 		s.fault("prepare-attached")
@@ -550,7 +572,7 @@ func (s *Snapshotter) attachNew(ctx context.Context, key string, sn storage.Snap
 	return nil, err
 }
 
-func (s *Snapshotter) mounts(device string, r role) []mount.Mount {
+func (s *snapshotter) mounts(device string, r role) []mount.Mount {
 	opt := "rw"
 	if r == roleRO {
 		opt = "ro"
@@ -564,12 +586,12 @@ func (s *Snapshotter) mounts(device string, r role) []mount.Mount {
 
 // template returns the path of the empty ext4 image of the given size,
 // making it on first use.
-func (s *Snapshotter) template(ctx context.Context, size int64) (string, error) {
+func (s *snapshotter) template(ctx context.Context, size int64) (string, error) {
 	return s.templateFile(ctx, "ext4-", size, makeTemplate)
 }
 
 // templateFile returns templates/<prefix><size>.img, made by mk on first use.
-func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int64, mk func(context.Context, string, int64) error) (string, error) {
+func (s *snapshotter) templateFile(ctx context.Context, prefix string, size int64, mk func(context.Context, string, int64) error) (string, error) {
 	p := s.templatePath(prefix, size)
 	s.tmplMu.Lock()
 	defer s.tmplMu.Unlock()
@@ -591,7 +613,7 @@ func (s *Snapshotter) templateFile(ctx context.Context, prefix string, size int6
 	return p, nil
 }
 
-func (s *Snapshotter) templatePath(prefix string, size int64) string {
+func (s *snapshotter) templatePath(prefix string, size int64) string {
 	return filepath.Join(s.root, "templates", prefix+strconv.FormatInt(size, 10)+".img")
 }
 
@@ -600,7 +622,7 @@ func (s *Snapshotter) templatePath(prefix string, size int64) string {
 // snapshot is read again under the device lock: a Commit that held the
 // lock meanwhile has made the image read-only and committed, and a
 // read-write device attached to it then would stay until Cleanup.
-func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+func (s *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	if s.layered() {
 		return s.lmounts(ctx, key)
 	}
@@ -645,7 +667,7 @@ func deviceFor(sn storage.Snapshot) devKey {
 // containerd 1.6 calls this inside its metadata write transaction, so it
 // waits for nothing slow: a device still mounted elsewhere is reported at
 // once (see detachUnmounted).
-func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+func (s *snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	if s.layered() {
 		return s.lcommit(ctx, name, key, opts)
 	}
@@ -708,7 +730,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // refuseDamaged records that the image of snapshot id lost data and returns
 // the Commit error: errdefs.ErrDataLoss, naming the image kept for
 // inspection.
-func (s *Snapshotter) refuseDamaged(id, image string, cause error) error {
+func (s *snapshotter) refuseDamaged(id, image string, cause error) error {
 	err := cause
 	if !errors.Is(cause, errdefs.ErrDataLoss) {
 		err = fmt.Errorf("%w: %w", cause, errdefs.ErrDataLoss)
@@ -734,7 +756,7 @@ func (e dataLossError) Error() string        { return string(e) }
 func (e dataLossError) Is(target error) bool { return target == errdefs.ErrDataLoss }
 
 // damagedReason says why an earlier Commit refused the image, if it did.
-func (s *Snapshotter) damagedReason(id, image string) (string, bool) {
+func (s *snapshotter) damagedReason(id, image string) (string, bool) {
 	s.damagedMu.Lock()
 	r, ok := s.damaged[id]
 	s.damagedMu.Unlock()
@@ -746,7 +768,7 @@ func (s *Snapshotter) damagedReason(id, image string) (string, bool) {
 
 // checkCommit verifies that key is active and name is free, and returns
 // the ids of the snapshot and of its parent.
-func (s *Snapshotter) checkCommit(ctx context.Context, name, key string) (id, parentID string, err error) {
+func (s *snapshotter) checkCommit(ctx context.Context, name, key string) (id, parentID string, err error) {
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		var info snapshots.Info
 		id, info, _, err = storage.GetInfo(ctx, key)
@@ -769,32 +791,11 @@ func (s *Snapshotter) checkCommit(ctx context.Context, name, key string) (id, pa
 
 // Remove deletes the record, detaches the snapshot's devices and moves its
 // image to trash; Cleanup deletes the trash.
-func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+func (s *snapshotter) Remove(ctx context.Context, key string) error {
 	if s.layered() {
 		return s.lremove(ctx, key)
 	}
-	var (
-		id, parentID string
-		kind         snapshots.Kind
-	)
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
-		id, info, _, err = storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
-		kind = info.Kind
-		if kind == snapshots.KindView && info.Parent != "" {
-			if parentID, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
-				return err
-			}
-		}
-		_, _, err = storage.Remove(ctx, key)
-		return err
-	})
+	id, parentID, _, err := s.removeRecord(ctx, key)
 	if err != nil {
 		return err
 	}
@@ -833,7 +834,32 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-func (s *Snapshotter) releaseViewDevice(ctx context.Context, parentID string) error {
+// removeRecord deletes the record of key in one write transaction and
+// returns what the caller then releases: its id and kind and, for a view,
+// its parent's id (flat mode's views share the parent's device).
+func (s *snapshotter) removeRecord(ctx context.Context, key string) (id, parentID string, kind snapshots.Kind, err error) {
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var (
+			info snapshots.Info
+			err  error
+		)
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		kind = info.Kind
+		if kind == snapshots.KindView && info.Parent != "" {
+			if parentID, _, _, err = storage.GetInfo(ctx, info.Parent); err != nil {
+				return err
+			}
+		}
+		_, _, err = storage.Remove(ctx, key)
+		return err
+	})
+	return id, parentID, kind, err
+}
+
+func (s *snapshotter) releaseViewDevice(ctx context.Context, parentID string) error {
 	k := devKey{parentID, roleRO}
 	unlock := s.devs.lock(k)
 	defer unlock()
@@ -848,7 +874,7 @@ func (s *Snapshotter) releaseViewDevice(ctx context.Context, parentID string) er
 }
 
 // liveDevices returns the devices live snapshots need, and the id map.
-func (s *Snapshotter) liveDevices(ctx context.Context) (map[devKey]bool, map[string]string, error) {
+func (s *snapshotter) liveDevices(ctx context.Context) (map[devKey]bool, map[string]string, error) {
 	needed := map[devKey]bool{}
 	var ids map[string]string
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
@@ -877,14 +903,14 @@ func (s *Snapshotter) liveDevices(ctx context.Context) (map[devKey]bool, map[str
 }
 
 // toTrash renames dir to trash/<id>-<time>.
-func (s *Snapshotter) toTrash(dir, id string) error {
+func (s *snapshotter) toTrash(dir, id string) error {
 	dst := filepath.Join(s.root, "trash", id+"-"+strconv.FormatInt(time.Now().UnixNano(), 36))
 	return os.Rename(dir, dst)
 }
 
 // Close closes the metadata store and releases the root lock. Devices stay
 // attached: running containers keep using them.
-func (s *Snapshotter) Close() error {
+func (s *snapshotter) Close() error {
 	s.closeOnce.Do(func() {
 		s.closeErr = s.ms.Close()
 		if err := s.lock.Close(); s.closeErr == nil {

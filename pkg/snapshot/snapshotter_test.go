@@ -24,7 +24,7 @@ import (
 
 // newTestSnapshotter opens a snapshotter on a fresh root under t.TempDir
 // and, at cleanup, detaches its devices and closes it.
-func newTestSnapshotter(t *testing.T, mutate func(*config.Snapshotter)) (*Snapshotter, string) {
+func newTestSnapshotter(t *testing.T, mutate func(*config.Snapshotter)) (*snapshotter, string) {
 	t.Helper()
 	requireTools(t)
 	base := t.TempDir()
@@ -51,6 +51,12 @@ func mountAt(t *testing.T, ms []mount.Mount, dir string) func() {
 	if err := unix.Mount(ms[0].Source, dir, ms[0].Type, flags, ""); err != nil {
 		t.Fatalf("mount %s on %s: %v", ms[0].Source, dir, err)
 	}
+	return unmountAtCleanup(t, dir)
+}
+
+// unmountAtCleanup returns a function that unmounts everything on dir once,
+// and registers it to run at cleanup if the test did not call it.
+func unmountAtCleanup(t *testing.T, dir string) func() {
 	done := false
 	unmount := func() {
 		if done {
@@ -254,7 +260,7 @@ func writeZeros(path string, n int64) error {
 }
 
 // imageSize returns the size of the image of an active snapshot, or 0.
-func imageSize(t *testing.T, s *Snapshotter, key string) int64 {
+func imageSize(t *testing.T, s *snapshotter, key string) int64 {
 	t.Helper()
 	var id string
 	if err := s.ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
@@ -320,7 +326,7 @@ func TestRestart(t *testing.T) {
 	testutil.NoLeaks(t, base)
 	ctx := context.Background()
 	cfg := testConfig(filepath.Join(base, "root"))
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,7 +335,7 @@ func TestRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(ctx, cfg); !errors.Is(err, ErrRootInUse) {
+	if _, err := newSnapshotter(ctx, cfg); !errors.Is(err, ErrRootInUse) {
 		t.Fatalf("second instance: %v, want ErrRootInUse", err)
 	}
 	rec, ok := s.devs.cached(devKey{"1", roleRW})
@@ -343,7 +349,7 @@ func TestRestart(t *testing.T) {
 		t.Fatalf("device gone after Close: %v", err)
 	}
 
-	s, err = New(ctx, cfg)
+	s, err = newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -464,7 +470,7 @@ func TestConcurrentPrepare(t *testing.T) {
 // refuses a backing without O_DIRECT (tmpfs) with FailedPrecondition and no
 // record; "off" attaches buffered.
 func TestDirectIO(t *testing.T) {
-	dio := func(t *testing.T, s *Snapshotter, key string) bool {
+	dio := func(t *testing.T, s *snapshotter, key string) bool {
 		t.Helper()
 		rec, ok := s.devs.cached(devKey{imageID(t, s, key), roleRW})
 		if !ok {
@@ -519,7 +525,7 @@ func TestDirectIO(t *testing.T) {
 		testutil.NoLeaks(t, base)
 		cfg := testConfig(filepath.Join(base, "root"))
 		cfg.DirectIO = "on"
-		s, err := New(context.Background(), cfg)
+		s, err := newSnapshotter(context.Background(), cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -533,7 +539,7 @@ func TestDirectIO(t *testing.T) {
 	})
 }
 
-func imageID(t *testing.T, s *Snapshotter, key string) string {
+func imageID(t *testing.T, s *snapshotter, key string) string {
 	t.Helper()
 	var id string
 	if err := s.ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
@@ -611,7 +617,7 @@ func TestAttachOnStartEager(t *testing.T) {
 	ctx := context.Background()
 	cfg := testConfig(filepath.Join(base, "root"))
 	cfg.AttachOnStart = "eager"
-	s, err := New(ctx, cfg)
+	s, err := newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -625,7 +631,7 @@ func TestAttachOnStartEager(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	s, err = New(ctx, cfg)
+	s, err = newSnapshotter(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

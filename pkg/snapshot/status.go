@@ -9,71 +9,24 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
+
+	"github.com/loopkit/loopkit/internal/snapadmin"
 )
-
-// Status is what `loop-snapshotter status` prints.
-type Status struct {
-	Root string `json:"root"`
-	// Mode is the storage mode of the root; LayerBacking, in layered mode,
-	// how layers are mounted ("file" or "loop").
-	Mode         string           `json:"mode"`
-	LayerBacking string           `json:"layer_backing,omitempty"`
-	Snapshots    []SnapshotStatus `json:"snapshots"`
-	Orphans      []DeviceStatus   `json:"orphans"`
-	Trash        int              `json:"trash_entries"`
-	Staging      int              `json:"staging_entries"`
-	// devices counts the loop devices backed under root (metrics).
-	devices int
-}
-
-// SnapshotStatus describes one snapshot and its device, if attached.
-type SnapshotStatus struct {
-	Key       string `json:"key"`
-	ID        string `json:"id"`
-	Kind      string `json:"kind"`
-	Parent    string `json:"parent,omitempty"`
-	SizeLimit int64  `json:"size_limit"`
-	Usage     int64  `json:"usage"`
-	Device    string `json:"device,omitempty"`
-	DiskSeq   uint64 `json:"diskseq,omitempty"`
-	// Mounted: a layer's erofs image is mounted (layered mode).
-	Mounted bool `json:"mounted,omitempty"`
-}
-
-// DeviceStatus describes a loop device backed by a file under root.
-type DeviceStatus struct {
-	Device      string `json:"device"`
-	DiskSeq     uint64 `json:"diskseq"`
-	BackingFile string `json:"backing_file"`
-	ReadOnly    bool   `json:"read_only"`
-}
 
 // Status lists every snapshot with its size limit, usage and device, and
 // the devices under root that no live snapshot needs (orphans).
-func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
+func (s *snapshotter) Status(ctx context.Context) (snapadmin.Status, error) {
 	if s.layered() {
 		return s.lstatus(ctx)
 	}
-	entries, err := s.statusEntries(ctx)
+	st, entries, own, byKey, err := s.statusStart(ctx)
 	if err != nil {
-		return Status{}, err
+		return snapadmin.Status{}, err
 	}
-	own, err := s.ownDevices()
-	if err != nil {
-		return Status{}, err
-	}
-	byKey := map[devKey]ownDevice{}
-	for _, d := range own {
-		if d.key.id != "" {
-			byKey[d.key] = d
-		}
-	}
-	st := s.statusHead()
-	st.devices = len(own)
 	mounts := mountPoints()
 	needed := map[devKey]bool{}
 	for _, e := range entries {
-		ss := SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
+		ss := snapadmin.SnapshotStatus{Key: e.info.Name, ID: e.id, Kind: e.info.Kind.String(), Parent: e.info.Parent, Usage: e.usage.Size}
 		imgID := e.id
 		if e.info.Kind != snapshots.KindCommitted {
 			k := deviceFor(e.sn)
@@ -107,7 +60,7 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		if (d.key.id != "" && needed[d.key]) || d.detachPending() {
 			continue
 		}
-		st.Orphans = append(st.Orphans, DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
+		st.Orphans = append(st.Orphans, snapadmin.DeviceStatus{Device: d.info.Path, DiskSeq: d.info.DiskSeq, BackingFile: d.info.BackingFile, ReadOnly: d.info.ReadOnly})
 	}
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].Key < st.Snapshots[j].Key })
 	s.statusTail(&st)
@@ -122,7 +75,7 @@ type statusEntry struct {
 	sn    storage.Snapshot
 }
 
-func (s *Snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) {
+func (s *snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) {
 	var entries []statusEntry
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
@@ -147,8 +100,29 @@ func (s *Snapshotter) statusEntries(ctx context.Context) ([]statusEntry, error) 
 	return entries, err
 }
 
-func (s *Snapshotter) statusHead() Status {
-	st := Status{Root: s.root, Mode: s.mode, Snapshots: []SnapshotStatus{}, Orphans: []DeviceStatus{}}
+// statusStart reads what Status starts from in both modes: every
+// snapshot's entry and the devices backed by files under root, all of
+// them and those of a known snapshot by key; st is the status head.
+func (s *snapshotter) statusStart(ctx context.Context) (st snapadmin.Status, entries []statusEntry, own []ownDevice, byKey map[devKey]ownDevice, err error) {
+	if entries, err = s.statusEntries(ctx); err != nil {
+		return st, nil, nil, nil, err
+	}
+	if own, err = s.ownDevices(); err != nil {
+		return st, nil, nil, nil, err
+	}
+	byKey = map[devKey]ownDevice{}
+	for _, d := range own {
+		if d.key.id != "" {
+			byKey[d.key] = d
+		}
+	}
+	st = s.statusHead()
+	st.Devices = len(own)
+	return st, entries, own, byKey, nil
+}
+
+func (s *snapshotter) statusHead() snapadmin.Status {
+	st := snapadmin.Status{Root: s.root, Mode: s.mode, Snapshots: []snapadmin.SnapshotStatus{}, Orphans: []snapadmin.DeviceStatus{}}
 	if s.layered() {
 		st.LayerBacking = s.backing
 	}
@@ -156,7 +130,7 @@ func (s *Snapshotter) statusHead() Status {
 }
 
 // statusTail counts the trash and staging entries.
-func (s *Snapshotter) statusTail(st *Status) {
+func (s *snapshotter) statusTail(st *snapadmin.Status) {
 	if es, err := os.ReadDir(filepath.Join(s.root, "trash")); err == nil {
 		st.Trash = len(es)
 	}

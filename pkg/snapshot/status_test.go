@@ -43,7 +43,7 @@ func TestStatusOpensNoForeignDevice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.Snapshots) != 1 || st.Snapshots[0].Device == "" || st.devices != 1 {
+	if len(st.Snapshots) != 1 || st.Snapshots[0].Device == "" || st.Devices != 1 {
 		t.Errorf("status %+v, want one snapshot with its device and one device under root", st)
 	}
 	ch := make(chan prometheus.Metric, 100)

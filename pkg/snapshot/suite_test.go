@@ -3,13 +3,13 @@ package snapshot
 import (
 	"context"
 	"errors"
-	"os"
 	"runtime"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
+	"github.com/loopkit/loopkit/internal/snapadmin"
 	"github.com/loopkit/loopkit/internal/testfs"
 	"github.com/loopkit/loopkit/internal/testutil"
 	"github.com/loopkit/loopkit/pkg/config"
@@ -46,12 +46,13 @@ func requireTools(t testing.TB) {
 	testutil.RequireBinaries(t, "mkfs.ext4", "debugfs", "resize2fs", "e2fsck", "tune2fs", "mkfs.erofs", "fsck.erofs")
 }
 
-// suiteFactory runs the snapshotter in-process in mode; its cleanup
+// suiteFactory runs the snapshotter in-process in mode, as NewSnapshotter
+// gives it to an embedder; its cleanup
 // detaches every device and unmounts every mount the instance made (the
 // suite never removes all snapshots), then closes it.
 func suiteFactory(mode string) testsuite.SnapshotterFunc {
 	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-		s, err := New(ctx, testConfigMode(root, mode))
+		s, err := snapadmin.From(NewSnapshotter(ctx, testConfigMode(root, mode)))
 		if err != nil {
 			return nil, nil, err
 		}
@@ -59,20 +60,6 @@ func suiteFactory(mode string) testsuite.SnapshotterFunc {
 			return errors.Join(s.Purge(ctx), s.Close())
 		}, nil
 	}
-}
-
-// withTempDir points os.TempDir (where the suite makes its directories) at
-// dir until t's cleanup, which runs after t's parallel subtests.
-func withTempDir(t *testing.T, dir string) {
-	old, had := os.LookupEnv("TMPDIR")
-	os.Setenv("TMPDIR", dir)
-	t.Cleanup(func() {
-		if had {
-			os.Setenv("TMPDIR", old)
-		} else {
-			os.Unsetenv("TMPDIR")
-		}
-	})
 }
 
 // TestSnapshotterSuite runs containerd's conformance suite in-process, in
@@ -88,21 +75,6 @@ func TestSnapshotterSuite(t *testing.T) {
 		if mode == config.ModeLayered {
 			name = "overlayfs"
 		}
-		t.Run(mode, func(t *testing.T) {
-			t.Run("ext4", func(t *testing.T) {
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				withTempDir(t, base)
-				testsuite.SnapshotterSuite(t, name, suiteFactory(mode))
-			})
-			t.Run("xfs-reflink", func(t *testing.T) {
-				testutil.RequireBinaries(t, "mkfs.xfs")
-				base := t.TempDir()
-				testutil.NoLeaks(t, base)
-				dir := testfs.MountReflinkXFS(t, base, 4<<30)
-				withTempDir(t, dir)
-				testsuite.SnapshotterSuite(t, name, suiteFactory(mode))
-			})
-		})
+		t.Run(mode, func(t *testing.T) { testfs.SnapshotterSuite(t, name, suiteFactory(mode)) })
 	}
 }

@@ -220,7 +220,7 @@ func TestTreeIdentity(t *testing.T) {
 				t.Cleanup(func() { o.Close() })
 				sn = o
 			} else {
-				s, err := New(ctx, testConfigMode(filepath.Join(work, "root"), name))
+				s, err := newSnapshotter(ctx, testConfigMode(filepath.Join(work, "root"), name))
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -43,7 +43,7 @@ func TestCommitUnderUdev(t *testing.T) {
 		}
 	}
 	cfg := testConfig(filepath.Join(base, "root"))
-	s, err := New(ctx, cfg, WithFaultHook(hook))
+	s, err := newSnapshotter(ctx, cfg, withFaultHook(hook))
 	if err != nil {
 		t.Fatal(err)
 	}

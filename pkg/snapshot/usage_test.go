@@ -140,13 +140,13 @@ func testUsage(t *testing.T, base string, reflink bool) {
 
 // openAt opens a snapshotter on root; at cleanup it detaches its devices
 // and closes it.
-func openAt(t *testing.T, root string, mutate func(*config.Snapshotter)) *Snapshotter {
+func openAt(t *testing.T, root string, mutate func(*config.Snapshotter)) *snapshotter {
 	t.Helper()
 	cfg := testConfig(root)
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	s, err := New(context.Background(), cfg)
+	s, err := newSnapshotter(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
