@@ -5,17 +5,18 @@ import (
 	"fmt"
 	"strconv"
 
-	"github.com/loopkit/loopkit/pkg/config"
+	"github.com/loopkit/loopkit/internal/bytesize"
 )
 
 // sizeFlag is a flag.Value holding a byte count, read by the size parser
-// of loopkit's config files: K, M, G, T with or without B/iB, all binary.
+// of loopkit's config files (internal/bytesize): K, M, G, T with or
+// without B/iB, all binary.
 type sizeFlag uint64
 
 func (f *sizeFlag) String() string { return strconv.FormatUint(uint64(*f), 10) }
 
 func (f *sizeFlag) Set(s string) error {
-	v, err := config.ParseByteSize(s)
+	v, err := bytesize.Parse(s)
 	if err != nil {
 		// flag prefixes `invalid value "s" for flag -size:`.
 		return errors.New("want a byte count such as 4096, 64M or 1GiB (K, M, G, T: powers of 1024)")

@@ -178,7 +178,7 @@ func checkRequestSyntax(r Request) error {
 		if len(r.Image) > maxDestLen || strings.ContainsRune(r.Image, 0) {
 			return invalidf("image path %q is not a valid path", truncate(r.Image, 128))
 		}
-	} else if !hookpolicy.CatalogName.MatchString(r.Image) {
+	} else if !hookpolicy.IsCatalogName(r.Image) {
 		return invalidf("image %q is not a valid catalog name", truncate(r.Image, 64))
 	}
 	if len(r.Dest) > maxDestLen {

@@ -4,14 +4,25 @@
 // a prefix" means, and what a catalog name looks like.
 package hookpolicy
 
-import (
-	"regexp"
-	"strings"
-)
+import "strings"
 
-// CatalogName is the pattern of catalog names (and of the name part of
-// annotation requests).
-var CatalogName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+// IsCatalogName reports whether name is a valid catalog name (also the
+// name part of annotation requests): 1 to 63 of [A-Za-z0-9._-], starting
+// with a letter or digit. A loop, not a regexp: the hook runs as one process
+// per container, and compiling `{0,62}` at start cost it 0.3 ms.
+func IsCatalogName(name string) bool {
+	if len(name) == 0 || len(name) > 63 {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || c != '.' && c != '_' && c != '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // IsDeniedDest reports whether the clean absolute path p is "/" or lies at or
 // below /proc, /sys or /dev, which are never valid destinations.

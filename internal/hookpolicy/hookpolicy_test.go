@@ -1,6 +1,9 @@
 package hookpolicy
 
-import "testing"
+import (
+	"regexp"
+	"testing"
+)
 
 func TestHasPathPrefix(t *testing.T) {
 	for _, tc := range []struct {
@@ -34,9 +37,26 @@ func TestCatalogName(t *testing.T) {
 	for name, want := range map[string]bool{
 		"dataset1": true, "a.b-c_d": true, "": false, ".hidden": false, "a/b": false, "a b": false,
 		"x123456789012345678901234567890123456789012345678901234567890123": false, // 64 bytes
+		"x12345678901234567890123456789012345678901234567890123456789012":  true,  // 63 bytes
+		"-a": false, "_a": false, "a-": true, "a..b": true, "0": true, "caf\u00e9": false, "a\x00": false,
 	} {
-		if got := CatalogName.MatchString(name); got != want {
-			t.Errorf("CatalogName(%q) = %t", name, got)
+		if got := IsCatalogName(name); got != want {
+			t.Errorf("IsCatalogName(%q) = %t", name, got)
 		}
 	}
+}
+
+// catalogNameRE is the rule IsCatalogName implements, as a regexp: the
+// oracle of the fuzz test.
+var catalogNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+func FuzzIsCatalogName(f *testing.F) {
+	for _, s := range []string{"dataset1", "a.b-c_d", "", ".hidden", "a/b", "-a", "a\n", "caf\u00e9"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := IsCatalogName(s), catalogNameRE.MatchString(s); got != want {
+			t.Fatalf("IsCatalogName(%q) = %t, the rule says %t", s, got, want)
+		}
+	})
 }

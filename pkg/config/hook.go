@@ -135,7 +135,7 @@ func (h *Hook) Validate() error {
 		}
 	}
 	for name, img := range h.Images {
-		if !hookpolicy.CatalogName.MatchString(name) {
+		if !hookpolicy.IsCatalogName(name) {
 			return bad("images.%s: invalid catalog name", name)
 		}
 		if !isAbsClean(img.Path) {

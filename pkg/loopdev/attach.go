@@ -205,10 +205,11 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	// No diskseq check here: the number just came from LOOP_CTL_GET_FREE
 	// and the bound check under the lock decides; the diskseq that matters
 	// is read after the configure.
-	main, err := openVerified(node, devnum, 0, accFlags(b.readOnly), false)
+	mainFD, err := openNode(node, devnum, accFlags(b.readOnly), true)
 	if err != nil {
 		return nil, err
 	}
+	main := os.NewFile(uintptr(mainFD), node)
 	d := &Device{file: main, path: node, nr: nr, devnum: devnum, created: true, owned: true,
 		backingPath: b.path, offset: opts.Offset, sectorSize: opts.SectorSize, readOnly: b.readOnly,
 		remove: opts.RemoveDevice, log: loggerOr(opts.Logger), unpartitioned: !opts.Partscan}
@@ -220,9 +221,11 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}()
 	// Lock on a separate read-only OFD: it must be closable before LOOP_CLR_FD
 	// (an extra opener turns the clear lazy), and SELinux may deny rw opens.
-	if d.lock, err = reopenOFD(main, openBase|unix.O_RDONLY); err != nil {
+	lockFD, err := openNode(node, devnum, unix.O_RDONLY, false)
+	if err != nil {
 		return nil, err
 	}
+	d.lock = &ofd{fd: lockFD}
 	if err := flockPoll(ctx, int(d.lock.Fd()), unix.LOCK_EX, false); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", node, err)
 	}
@@ -237,7 +240,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	}
 	// An unbound device can still carry partitions (5.8, or a partition held
 	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
-	if n, err := deletePartitions(main, devnum, "loop"+strconv.Itoa(nr)); err != nil {
+	if n, err := deletePartitions(main, sysfsDirOf(nr, devnum), "loop"+strconv.Itoa(nr)); err != nil {
 		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	} else if n > 0 {
 		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
@@ -246,6 +249,12 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 		d.fences = readFences()
 	} else {
 		d.fences = Fences{SeqnumNotBefore: math.MaxUint64}
+	}
+	// The flush's baseline: the disk's I/O counters before the device can be
+	// written (they only grow, so an early baseline errs on the side of an
+	// fsync). Its fd stays open for the teardown's second read.
+	if st, c, err := openIOStat(sysfsDirOf(nr, devnum)); err == nil {
+		d.ioStat, d.ioAtAttach = st, c
 	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {
 		return nil, err
@@ -493,12 +502,10 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 		return fmt.Errorf("%s flags %#x do not match the request: %w", d.path, info.Flags, unix.EIO)
 	}
 	if b.readOnly {
-		if ro, err := readAttr(d.devnum.SysfsDir() + "/ro"); err != nil || ro != "1" {
+		if ro, err := readAttr(d.sysfsDir() + "/ro"); err != nil || ro != "1" {
 			return fmt.Errorf("%s not read-only in sysfs: %w", d.path, unix.EIO)
 		}
 	}
-	// Baseline for flush: what the disk had written when it became ours.
-	d.ioAtAttach, _ = readIOCounters(d.devnum)
 	if err := opts.fault(stepDone, d.nr); err != nil {
 		return err
 	}
@@ -531,6 +538,7 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 // clear is issued on the fd that was bound (an extra opener would make
 // LOOP_CLR_FD lazy), then that fd is closed. Never clear what we did not bind.
 func (d *Device) abort(bound bool) {
+	d.ioStat.Close()
 	if d.lock != nil {
 		d.lock.Close()
 		d.lock = nil
@@ -558,6 +566,38 @@ func ensureNode(node string, nr int) (Devnum, error) {
 		return 0, fmt.Errorf("mknod %s: %w", node, merr)
 	}
 	return devnumOfNode(node)
+}
+
+// openNode opens a device node just looked up with lstat (devnum is what
+// it showed) for attempt's main and lock fds: one open(2) of the path, then
+// fstat to prove it is still that block device (a node in /dev can be
+// replaced in between; any mismatch is ENXIO, "absent"). openVerified's
+// O_PATH step and /proc/self/fd reopen would cost two more path walks on
+// every attach, for a number that carries no identity to check yet.
+// O_NONBLOCK keeps a node swapped for a FIFO from blocking the open; with
+// blocking it is cleared again, so that os.NewFile sees a blocking fd and
+// does not try to register it with the poller (block devices refuse epoll).
+func openNode(node string, devnum Devnum, acc int, blocking bool) (int, error) {
+	fd, err := unix.Open(node, unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NOFOLLOW|unix.O_NONBLOCK|acc, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: node, Err: err}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return -1, &os.PathError{Op: "stat", Path: node, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK || devnumOfStat(&st) != devnum {
+		unix.Close(fd)
+		return -1, fmt.Errorf("%s is no longer block device %s: %w", node, devnum, unix.ENXIO)
+	}
+	if blocking {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, 0); err != nil {
+			unix.Close(fd)
+			return -1, &os.PathError{Op: "fcntl", Path: node, Err: err}
+		}
+	}
+	return fd, nil
 }
 
 // openVerified opens a block node safely (a node in /dev can be replaced,

@@ -3,7 +3,9 @@ package loopdev
 import (
 	"fmt"
 	"log/slog"
+	"math/bits"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -70,8 +72,36 @@ type Device struct {
 	status        *unix.LoopInfo64 // LOOP_GET_STATUS64 of the attach's verification, reused once by finish
 	shortcut      bool             // the block-device backing itself: nothing was attached
 	ioAtAttach    *ioCounters      // diskstats when the attach finished, for flush
+	ioStat        *ioStat          // the disk's sysfs stat, open from the attach to the teardown
 	log           *slog.Logger     // nil: discard
 }
+
+// sysfsDir is the device's sysfs directory. For loopN with the devnum the
+// loop driver gives loopN (major 7, minor N << part_shift) it is named
+// after the disk under /sys/devices/virtual/block (loop disks have no
+// parent device): the directory /sys/dev/block/M:m links to, without that
+// symlink's resolution, which the attach and detach would otherwise pay for
+// each attribute they read. Any other handle (a node whose devnum is not
+// its name's) uses the devnum's directory: the devnum is the identity.
+func (d *Device) sysfsDir() string { return sysfsDirOf(d.nr, d.devnum) }
+
+func sysfsDirOf(nr int, devnum Devnum) string {
+	if shift, ok := loopPartShift(); ok && nr >= 0 && devnum == Devnum(unix.Mkdev(7, uint32(nr)<<shift)) {
+		return "/sys/devices/virtual/block/loop" + strconv.Itoa(nr)
+	}
+	return devnum.SysfsDir()
+}
+
+// loopPartShift is the loop driver's part_shift: loopN is major 7
+// (LOOP_MAJOR), minor N << part_shift, and the module's max_part parameter
+// reads back as (1 << part_shift) - 1 (loop_init rounds it up so). Read
+// once: it is fixed while the module is loaded. ok is false when max_part
+// cannot be read or has another form.
+var loopPartShift = sync.OnceValues(func() (int, bool) {
+	v, err := readAttrUint("/sys/module/loop/parameters/max_part")
+	shift := bits.Len64(v)
+	return shift, err == nil && v == 1<<shift-1
+})
 
 // Path is the device node, /dev/loopN (the backing's own node for the
 // block-device shortcut).

@@ -2,6 +2,7 @@ package loopdev
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 
@@ -15,16 +16,46 @@ type ioCounters struct {
 	writes, discards, inflight uint64
 }
 
-func readIOCounters(disk Devnum) (*ioCounters, error) {
-	s, err := readAttr(disk.SysfsDir() + "/stat")
+// ioStat is a disk's sysfs "stat" attribute, opened when the attach
+// finishes and kept until the teardown: a pread at offset 0 renders the
+// counters afresh (seq_file restarts at position 0), and it spares the
+// detach the open's path walk, a third of what reading the counters costs.
+type ioStat struct{ fd int }
+
+// openIOStat opens dir/stat and reads the counters once.
+func openIOStat(dir string) (*ioStat, *ioCounters, error) {
+	path := dir + "/stat"
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
-		return nil, err
+		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	c, err := parseIOCounters(s)
+	s := &ioStat{fd: fd}
+	c, err := s.read()
 	if err != nil {
-		return nil, fmt.Errorf("%s/stat: %w", disk.SysfsDir(), err)
+		s.Close()
+		return nil, nil, err
 	}
-	return c, nil
+	return s, c, nil
+}
+
+func (s *ioStat) read() (*ioCounters, error) {
+	var buf [512]byte
+	n, err := unix.Pread(s.fd, buf[:], 0)
+	for err == unix.EINTR {
+		n, err = unix.Pread(s.fd, buf[:], 0)
+	}
+	if err != nil {
+		return nil, os.NewSyscallError("pread stat", err)
+	}
+	return parseIOCounters(string(buf[:n]))
+}
+
+// Close closes the attribute; nil-safe.
+func (s *ioStat) Close() {
+	if s != nil && s.fd >= 0 {
+		unix.Close(s.fd)
+		s.fd = -1
+	}
 }
 
 func parseIOCounters(s string) (*ioCounters, error) {
@@ -57,15 +88,30 @@ func (d *Device) flush() error {
 	fd := int(d.file.Fd())
 	if d.ioAtAttach != nil {
 		err := unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
-		if err == nil {
-			if now, err := readIOCounters(d.devnum); err == nil && now.inflight == 0 &&
-				now.writes == d.ioAtAttach.writes && now.discards == d.ioAtAttach.discards {
-				return nil
-			}
+		if err == nil && !d.writtenSinceAttach() {
+			return nil
 		}
 	}
 	if err := unix.Fsync(fd); err != nil {
 		return fmt.Errorf("fsync %s: %w", d.path, err)
 	}
 	return nil
+}
+
+// writtenSinceAttach compares the disk's counters with the attach's
+// baseline: any completed write or discard, any request in flight, or
+// counters that cannot be read count as written.
+func (d *Device) writtenSinceAttach() bool {
+	if d.ioAtAttach == nil {
+		return true
+	}
+	if d.ioStat == nil {
+		st, _, err := openIOStat(d.sysfsDir())
+		if err != nil {
+			return true
+		}
+		d.ioStat = st
+	}
+	now, err := d.ioStat.read()
+	return err != nil || now.inflight != 0 || now.writes != d.ioAtAttach.writes || now.discards != d.ioAtAttach.discards
 }

@@ -39,9 +39,18 @@ func TestFlushAfterWrites(t *testing.T) {
 	if d.ioAtAttach == nil {
 		t.Fatal("no I/O baseline recorded at attach")
 	}
+	if d.writtenSinceAttach() {
+		t.Error("a fresh attach reports writes: its teardown would fsync for nothing")
+	}
 	pattern := bytes.Repeat([]byte("loopkit!"), 512)
 	if _, err := d.File().WriteAt(pattern, 1<<20); err != nil {
 		t.Fatal(err)
+	}
+	if err := d.File().Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !d.writtenSinceAttach() {
+		t.Error("a written device reports no writes: its teardown would skip the fsync")
 	}
 	if err := detachWait(d); err != nil {
 		t.Fatal(err)

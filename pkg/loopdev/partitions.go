@@ -24,10 +24,9 @@ type Partition struct {
 }
 
 // listPartitions enumerates the sub-directories of the disk's sysfs
-// directory that carry a "partition" file. name is the disk's kernel name
-// (loop7) when the caller knows it, else "" and it is read from sysfs.
-func listPartitions(disk Devnum, name string) ([]Partition, error) {
-	dir := disk.SysfsDir()
+// directory dir that carry a "partition" file. name is the disk's kernel
+// name (loop7) when the caller knows it, else "" and it is read from sysfs.
+func listPartitions(dir, name string) ([]Partition, error) {
 	// Partitions are the sub-directories named <disk>p<N> (loop7p1); matching
 	// the name first spares a failed open per attribute file of the disk.
 	if name == "" {
@@ -67,6 +66,8 @@ func listPartitions(disk Devnum, name string) ([]Partition, error) {
 }
 
 // readDirNames lists a directory with raw getdents (see readAttr for why).
+// It reads until getdents returns 0: a short read is not the end in sysfs
+// (stopping at the first read that left room lost partitions in R10).
 func readDirNames(dir string) ([]string, error) {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -92,8 +93,8 @@ func readDirNames(dir string) ([]string, error) {
 
 // deletePartitions removes every partition synchronously with BLKPG, so the
 // next user of the number sees none. It returns how many it found.
-func deletePartitions(f *os.File, disk Devnum, name string) (int, error) {
-	parts, err := listPartitions(disk, name)
+func deletePartitions(f *os.File, dir, name string) (int, error) {
+	parts, err := listPartitions(dir, name)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, unix.ENODEV
@@ -199,7 +200,7 @@ func (d *Device) partitionsLocked() ([]Partition, error) {
 	if err := d.checkAlive(); err != nil {
 		return nil, err
 	}
-	return listPartitions(d.devnum, d.kernelName())
+	return listPartitions(d.sysfsDir(), d.kernelName())
 }
 
 // AddPartition creates partition nr synchronously with BLKPG_ADD_PARTITION;

@@ -117,13 +117,14 @@ func (d *Device) teardownLocked(ctx context.Context) error {
 	if err := d.flush(); err != nil {
 		errs = append(errs, err)
 	}
+	d.ioStat.Close()
 	// Lock the main fd itself, not a new OFD: the lock lasts through the
 	// clear without adding an opener.
 	if err := flockPoll(ctx, int(f.Fd()), unix.LOCK_EX, false); err != nil {
 		errs = append(errs, fmt.Errorf("lock: %w", err))
 	}
 	if d.mayHavePartitions() {
-		if _, err := deletePartitions(f, d.devnum, d.kernelName()); err != nil && !errors.Is(err, unix.ENODEV) {
+		if _, err := deletePartitions(f, d.sysfsDir(), d.kernelName()); err != nil && !errors.Is(err, unix.ENODEV) {
 			errs = append(errs, fmt.Errorf("delete partitions: %w", err))
 		}
 	}
@@ -158,7 +159,7 @@ func (d *Device) teardownLocked(ctx context.Context) error {
 // answer is exact. Without it (before 5.15) any binding is not ours: only
 // one with our backing path and offset counts, the best sysfs can tell.
 func (d *Device) stillBound() bool {
-	dir := d.devnum.SysfsDir()
+	dir := d.sysfsDir()
 	bf, err := readAttr(dir + "/loop/backing_file")
 	if err != nil {
 		return false
@@ -230,6 +231,7 @@ func (d *Device) closeLocked() error {
 	if err := d.flush(); err != nil && !errors.Is(err, unix.EINVAL) {
 		errs = append(errs, err)
 	}
+	d.ioStat.Close()
 	if d.lock != nil {
 		d.lock.Close()
 		d.lock = nil

@@ -50,7 +50,7 @@ func (d *Device) WaitPartitions(ctx context.Context, nrs []int) error {
 		if err := d.checkAlive(); err != nil {
 			return false, err
 		}
-		parts, err := listPartitions(d.devnum, d.kernelName())
+		parts, err := listPartitions(d.sysfsDir(), d.kernelName())
 		if err != nil {
 			return false, err
 		}

@@ -392,8 +392,14 @@ func TestLayeredRemoveAndOrphans(t *testing.T) {
 	if ok, _ := mountinfo.Mounted(s.layerDir("1")); ok {
 		t.Errorf("layer still mounted after Remove")
 	}
-	if own, err = s.ownDevices(); err != nil || len(own) != 0 {
-		t.Errorf("devices after Remove: %+v %v", own, err)
+	// A foreign prober (losetup -j, udev's blkid) that has a device open at
+	// the clear defers its unbind to the prober's close: wait for that.
+	deadline := time.Now().Add(5 * time.Second)
+	for own, err = s.ownDevices(); err == nil && len(own) != 0 && time.Now().Before(deadline); own, err = s.ownDevices() {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil || len(own) != 0 {
+		t.Errorf("devices 5 s after Remove: %+v %v", own, err)
 	}
 	must(t, s.Cleanup(ctx))
 	for _, d := range []string{"u", "layers", "trash", "l"} {
