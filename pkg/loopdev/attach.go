@@ -198,14 +198,10 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 		return nil, err
 	}
 	node := "/dev/loop" + strconv.Itoa(nr)
-	devnum, err := ensureNode(node, nr)
-	if err != nil {
-		return nil, err
-	}
 	// No diskseq check here: the number just came from LOOP_CTL_GET_FREE
 	// and the bound check under the lock decides; the diskseq that matters
 	// is read after the configure.
-	mainFD, err := openNode(node, devnum, accFlags(b.readOnly), true)
+	mainFD, devnum, err := openLoopNode(node, nr, accFlags(b.readOnly), true)
 	if err != nil {
 		return nil, err
 	}
@@ -219,14 +215,23 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 			d.abort(bound)
 		}
 	}()
-	// Lock on a separate read-only OFD: it must be closable before LOOP_CLR_FD
-	// (an extra opener turns the clear lazy), and SELinux may deny rw opens.
-	lockFD, err := openNode(node, devnum, unix.O_RDONLY, false)
-	if err != nil {
-		return nil, err
+	lockFD := mainFD
+	if opts.Lock != LockNone {
+		// The caller keeps a lock: it lives on a separate read-only OFD, which
+		// can be closed before LOOP_CLR_FD (an extra opener turns the clear
+		// lazy) and which SELinux lets us open where it denies rw. Without
+		// one, the main fd carries the allocation lock until finish.
+		fd, lockDevnum, err := openLoopNode(node, nr, unix.O_RDONLY, false)
+		if err != nil {
+			return nil, err
+		}
+		d.lock = &ofd{fd: fd}
+		if lockDevnum != devnum {
+			return nil, fmt.Errorf("%s changed from %s to %s while it was opened: %w", node, devnum, lockDevnum, unix.ENXIO)
+		}
+		lockFD = fd
 	}
-	d.lock = &ofd{fd: lockFD}
-	if err := flockPoll(ctx, int(d.lock.Fd()), unix.LOCK_EX, false); err != nil {
+	if err := flockPoll(ctx, lockFD, unix.LOCK_EX, false); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", node, err)
 	}
 	if err := opts.fault(stepLocked, nr); err != nil {
@@ -238,9 +243,17 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	} else if err != unix.ENXIO {
 		return nil, fmt.Errorf("LOOP_GET_STATUS64 %s: %w", node, err)
 	}
+	// One open of the disk's sysfs directory serves the partition listing and
+	// the flush's baseline below.
+	dir := sysfsDirOf(nr, devnum)
+	dirfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, &os.PathError{Op: "open", Path: dir, Err: err})
+	}
+	defer unix.Close(dirfd)
 	// An unbound device can still carry partitions (5.8, or a partition held
 	// open during clear); they give I/O errors and block LOOP_CTL_REMOVE.
-	if n, err := deletePartitions(main, sysfsDirOf(nr, devnum), "loop"+strconv.Itoa(nr)); err != nil {
+	if n, err := deletePartitionsAt(main, dirfd, dir, "loop"+strconv.Itoa(nr)); err != nil {
 		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	} else if n > 0 {
 		return nil, fmt.Errorf("%s had %d stale partitions: %w", node, n, unix.EUCLEAN)
@@ -253,7 +266,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	// The flush's baseline: the disk's I/O counters before the device can be
 	// written (they only grow, so an early baseline errs on the side of an
 	// fsync). Its fd stays open for the teardown's second read.
-	if st, c, err := openIOStat(sysfsDirOf(nr, devnum)); err == nil {
+	if st, c, err := openIOStatAt(dirfd, dir); err == nil {
 		d.ioStat, d.ioAtAttach = st, c
 	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {
@@ -517,8 +530,10 @@ func finish(ctx context.Context, d *Device, b *backing, opts *Options) error {
 	// Hand back the caller's lock state.
 	switch opts.Lock {
 	case LockNone:
-		d.lock.Close()
-		d.lock = nil
+		// The allocation lock was taken on the main fd (see attempt).
+		if err := unix.Flock(fd, unix.LOCK_UN); err != nil {
+			return fmt.Errorf("unlock %s: %w", d.path, err)
+		}
 	case LockShared:
 		// Downgrading with flock is not atomic, but the device is bound: a
 		// cooperating allocator never takes a bound device.
@@ -568,36 +583,45 @@ func ensureNode(node string, nr int) (Devnum, error) {
 	return devnumOfNode(node)
 }
 
-// openNode opens a device node just looked up with lstat (devnum is what
-// it showed) for attempt's main and lock fds: one open(2) of the path, then
-// fstat to prove it is still that block device (a node in /dev can be
-// replaced in between; any mismatch is ENXIO, "absent"). openVerified's
-// O_PATH step and /proc/self/fd reopen would cost two more path walks on
-// every attach, for a number that carries no identity to check yet.
-// O_NONBLOCK keeps a node swapped for a FIFO from blocking the open; with
-// blocking it is cleared again, so that os.NewFile sees a blocking fd and
-// does not try to register it with the poller (block devices refuse epoll).
-func openNode(node string, devnum Devnum, acc int, blocking bool) (int, error) {
-	fd, err := unix.Open(node, unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NOFOLLOW|unix.O_NONBLOCK|acc, 0)
+// openLoopNode opens /dev/loopN for attempt: one open(2) of the path, then
+// fstat proves that it is loopN's block device (major 7, minor N <<
+// part_shift), so a node replaced or stale in /dev gives ENXIO ("absent").
+// openVerified's O_PATH step and /proc/self/fd reopen would cost two more
+// path walks on every attach, for a number that has no identity to check
+// yet beyond the one the driver gives it. O_NONBLOCK keeps a node swapped
+// for a FIFO from blocking the open; with blocking it is cleared again, so
+// that os.NewFile sees a blocking fd and does not try to register it with
+// the poller (block devices refuse epoll). A missing node is made from
+// sysfs (ensureNode) and opened again.
+func openLoopNode(node string, nr int, acc int, blocking bool) (int, Devnum, error) {
+	flags := unix.O_CLOEXEC | unix.O_NOCTTY | unix.O_NOFOLLOW | unix.O_NONBLOCK | acc
+	fd, err := unix.Open(node, flags, 0)
+	if err == unix.ENOENT {
+		if _, err := ensureNode(node, nr); err != nil {
+			return -1, 0, err
+		}
+		fd, err = unix.Open(node, flags, 0)
+	}
 	if err != nil {
-		return -1, &os.PathError{Op: "open", Path: node, Err: err}
+		return -1, 0, &os.PathError{Op: "open", Path: node, Err: err}
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		unix.Close(fd)
-		return -1, &os.PathError{Op: "stat", Path: node, Err: err}
+		return -1, 0, &os.PathError{Op: "stat", Path: node, Err: err}
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFBLK || devnumOfStat(&st) != devnum {
+	devnum := devnumOfStat(&st)
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK || !isLoopDevnum(nr, devnum) {
 		unix.Close(fd)
-		return -1, fmt.Errorf("%s is no longer block device %s: %w", node, devnum, unix.ENXIO)
+		return -1, 0, fmt.Errorf("%s is not loop device %d (%s): %w", node, nr, devnum, unix.ENXIO)
 	}
 	if blocking {
 		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, 0); err != nil {
 			unix.Close(fd)
-			return -1, &os.PathError{Op: "fcntl", Path: node, Err: err}
+			return -1, 0, &os.PathError{Op: "fcntl", Path: node, Err: err}
 		}
 	}
-	return fd, nil
+	return fd, devnum, nil
 }
 
 // openVerified opens a block node safely (a node in /dev can be replaced,

@@ -86,10 +86,22 @@ type Device struct {
 func (d *Device) sysfsDir() string { return sysfsDirOf(d.nr, d.devnum) }
 
 func sysfsDirOf(nr int, devnum Devnum) string {
-	if shift, ok := loopPartShift(); ok && nr >= 0 && devnum == Devnum(unix.Mkdev(7, uint32(nr)<<shift)) {
+	if _, ok := loopPartShift(); ok && isLoopDevnum(nr, devnum) {
 		return "/sys/devices/virtual/block/loop" + strconv.Itoa(nr)
 	}
 	return devnum.SysfsDir()
+}
+
+// isLoopDevnum reports whether devnum is the one the loop driver gives
+// loopN; without a known part_shift, whether it is any loop devnum.
+func isLoopDevnum(nr int, devnum Devnum) bool {
+	if nr < 0 {
+		return false
+	}
+	if shift, ok := loopPartShift(); ok {
+		return devnum == Devnum(unix.Mkdev(7, uint32(nr)<<shift))
+	}
+	return devnum.Major() == 7
 }
 
 // loopPartShift is the loop driver's part_shift: loopN is major 7

@@ -24,10 +24,20 @@ type ioStat struct{ fd int }
 
 // openIOStat opens dir/stat and reads the counters once.
 func openIOStat(dir string) (*ioStat, *ioCounters, error) {
-	path := dir + "/stat"
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	return openIOStatAt(unix.AT_FDCWD, dir)
+}
+
+// openIOStatAt is openIOStat relative to dirfd, the disk's sysfs directory
+// when the caller has it open (dir names it in errors), which spares the
+// path walk.
+func openIOStatAt(dirfd int, dir string) (*ioStat, *ioCounters, error) {
+	name := "stat"
+	if dirfd == unix.AT_FDCWD {
+		name = dir + "/stat"
+	}
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
-		return nil, nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return nil, nil, &os.PathError{Op: "open", Path: dir + "/stat", Err: err}
 	}
 	s := &ioStat{fd: fd}
 	c, err := s.read()

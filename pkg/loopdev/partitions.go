@@ -1,7 +1,9 @@
 package loopdev
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -27,6 +29,16 @@ type Partition struct {
 // directory dir that carry a "partition" file. name is the disk's kernel
 // name (loop7) when the caller knows it, else "" and it is read from sysfs.
 func listPartitions(dir, name string) ([]Partition, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
+	return listPartitionsAt(fd, dir, name)
+}
+
+// listPartitionsAt is listPartitions on dir already opened as dirfd.
+func listPartitionsAt(dirfd int, dir, name string) ([]Partition, error) {
 	// Partitions are the sub-directories named <disk>p<N> (loop7p1); matching
 	// the name first spares a failed open per attribute file of the disk.
 	if name == "" {
@@ -36,16 +48,12 @@ func listPartitions(dir, name string) ([]Partition, error) {
 		}
 		name = filepath.Base(link)
 	}
-	names, err := readDirNames(dir)
+	names, err := readDirNames(dirfd, dir, name+"p")
 	if err != nil {
 		return nil, err
 	}
-	prefix := name + "p"
 	var out []Partition
 	for _, name := range names {
-		if !strings.HasPrefix(name, prefix) {
-			continue
-		}
 		sub := filepath.Join(dir, name)
 		pn, err := readAttrUint(filepath.Join(sub, "partition"))
 		if err != nil {
@@ -65,19 +73,17 @@ func listPartitions(dir, name string) ([]Partition, error) {
 	return out, nil
 }
 
-// readDirNames lists a directory with raw getdents (see readAttr for why).
-// It reads until getdents returns 0: a short read is not the end in sysfs
-// (stopping at the first read that left room lost partitions in R10).
-func readDirNames(dir string) ([]string, error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
-	}
-	defer unix.Close(fd)
+// readDirNames lists the entries of the directory open as fd (dir names it
+// in errors) whose names start with prefix, with raw getdents (see
+// readAttr for why) and without a string for every other entry (a loop
+// disk's directory has about 28). It reads until getdents returns 0: a
+// short read is not the end in sysfs (stopping at the first read that left
+// room lost partitions in R10).
+func readDirNames(fd int, dir, prefix string) ([]string, error) {
 	var names []string
-	buf := make([]byte, 8192)
+	var buf [8192]byte
 	for {
-		n, err := unix.ReadDirent(fd, buf)
+		n, err := unix.ReadDirent(fd, buf[:])
 		if err == unix.EINTR {
 			continue
 		}
@@ -87,14 +93,42 @@ func readDirNames(dir string) ([]string, error) {
 		if n <= 0 {
 			return names, nil
 		}
-		_, _, names = unix.ParseDirent(buf[:n], -1, names)
+		// struct linux_dirent64: d_ino (8), d_off (8), d_reclen (2),
+		// d_type (1), then the NUL-terminated name.
+		for b := buf[:n]; len(b) >= 19; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen < 19 || reclen > len(b) {
+				return nil, &os.PathError{Op: "getdents", Path: dir, Err: unix.EIO}
+			}
+			name := b[19:reclen]
+			if i := bytes.IndexByte(name, 0); i >= 0 {
+				name = name[:i]
+			}
+			if bytes.HasPrefix(name, []byte(prefix)) {
+				names = append(names, string(name))
+			}
+			b = b[reclen:]
+		}
 	}
 }
 
 // deletePartitions removes every partition synchronously with BLKPG, so the
 // next user of the number sees none. It returns how many it found.
 func deletePartitions(f *os.File, dir, name string) (int, error) {
-	parts, err := listPartitions(dir, name)
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if err == unix.ENOENT {
+			return 0, unix.ENODEV
+		}
+		return 0, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(fd)
+	return deletePartitionsAt(f, fd, dir, name)
+}
+
+// deletePartitionsAt is deletePartitions on dir already opened as dirfd.
+func deletePartitionsAt(f *os.File, dirfd int, dir, name string) (int, error) {
+	parts, err := listPartitionsAt(dirfd, dir, name)
 	if err != nil {
 		if os.IsNotExist(err) {
 			return 0, unix.ENODEV
