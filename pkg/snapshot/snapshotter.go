@@ -621,7 +621,9 @@ func (s *snapshotter) templatePath(prefix string, size int64) string {
 // device if it is gone (host reboot, detached by hand) or was reused. The
 // snapshot is read again under the device lock: a Commit that held the
 // lock meanwhile has made the image read-only and committed, and a
-// read-write device attached to it then would stay until Cleanup.
+// read-write device attached to it then would stay until Cleanup. An
+// active snapshot whose filesystem is mounted read-write here already gets
+// a bind of that mount instead of its device (see activeMounts).
 func (s *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 	if s.layered() {
 		return s.lmounts(ctx, key)
@@ -644,6 +646,9 @@ func (s *snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	rec, err := s.devs.ensureLocked(ctx, k, s.imagePath(k.id))
 	if err != nil {
 		return nil, err
+	}
+	if k.role == roleRW {
+		return s.activeMounts(ctx, key, rec), nil
 	}
 	return s.mounts(rec.Path, k.role), nil
 }
