@@ -319,7 +319,7 @@ func TestHookKilledMidSetup(t *testing.T) {
 	w := newHookWorld(t, "")
 	hookRequireUnshare(t)
 	pause := filepath.Join(w.dir, "paused")
-	bin := hookBuild(t, filepath.Join(w.dir, "bin"), "oci-loop-hook-pause", "-X main.hookForcePauseFile="+pause)
+	bin := hookBuild(t, filepath.Join(w.dir, "bin"), "oci-loop-hook-pause", "-X github.com/loopkit/loopkit/internal/hookcli.forcePauseFile="+pause)
 	id := hookUniqueID("midsetup")
 	b := w.bundle(id, bundleOpts{args: []string{"/bin/true"}})
 	ctr := exec.Command("unshare", "--mount", "--propagation", "private", "sleep", "600")

@@ -39,7 +39,8 @@ func New(cfg *config.Hook, log *logrus.Entry, version string) *Hook {
 
 // HookForceAfterAttach installs a function that runs after each attach while
 // setup still holds the loop device fd. Only tests use it (through an
-// ldflags-set variable in main), to kill or race the hook at that point.
+// ldflags-set variable in internal/hookcli), to kill or race the hook at
+// that point.
 func (h *Hook) HookForceAfterAttach(f func(*loopdev.Device)) { h.hookForceAfterAttach = f }
 
 // ownerTagPrefix marks our loop devices in lo_file_name.
