@@ -3,9 +3,12 @@ package loopdev
 // Foreign state on the chosen device: R5, R6.
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os/exec"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -58,60 +61,108 @@ func TestR05_NeverClobberForeignBinding(t *testing.T) {
 // attempt restarts; the attached device shows exactly the image's partitions.
 func TestR06_ZeroStalePartitions(t *testing.T) {
 	dir := rootDir(t)
-	testRequireBins(t, "addpart")
+	testRequireBins(t, "addpart", "delpart")
 	img := gptImage(t, dir, "r06.img", 32<<20, 512, []gptPart{
 		{Type: gptTypeLinux, Name: "a", Start: 2048, Len: 8192},
 		{Type: gptTypeLinux, Name: "b", Start: 10240, Len: 8192},
 	})
 	other := newImage(t, dir, "stale.img", 64<<20)
+	// make test runs this suite beside a losetup loop: a round where that
+	// loop binds the planted number before the attempt's bound check (the
+	// attempt then rightly leaves the foreign device alone, and the
+	// partition stays there after losetup -d) proves nothing and is
+	// repeated.
+	for round := 1; ; round++ {
+		d, foreign := r06Round(t, img, other)
+		if !foreign {
+			r06Check(t, d)
+			return
+		}
+		if err := detachWait(d); err != nil {
+			t.Fatal(err)
+		}
+		if round == 5 {
+			t.Fatal("a foreign loop user took the planted number in 5 rounds out of 5")
+		}
+	}
+}
+
+// r06Round plants a stale partition on the number the first get-free
+// returns and attaches img. foreign reports that another loop user bound
+// that number before our attempt's bound check (the attempt then leaves it
+// alone); the planted partition is then removed here.
+func r06Round(t *testing.T, img, other string) (d *Device, foreign bool) {
+	t.Helper()
 	getFree := 0
 	staleNr := -1
 	var hookErr error
-	o := Options{Partscan: true, faultHook: func(step string, nr int) error {
-		if step != stepGetFree {
+	var logs bytes.Buffer
+	o := Options{Partscan: true, Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		faultHook: func(step string, nr int) error {
+			if step != stepGetFree {
+				return nil
+			}
+			getFree++
+			if staleNr >= 0 || hookErr != nil {
+				return nil
+			}
+			// Leave a partition on the unbound device: bind without partscan,
+			// add p3 with BLKPG, clear. The kernel keeps p3 on the unbound disk.
+			tn, err := bindTenant(nr, other)
+			if errors.Is(err, unix.EBUSY) {
+				// Another loop user bound nr first; Attach sees it bound and
+				// takes the next free number, where the hook tries again.
+				return nil
+			}
+			if err != nil {
+				hookErr = err
+				return nil
+			}
+			out, err := exec.Command("addpart", fmt.Sprintf("/dev/loop%d", nr), "3", "40960", "4096").CombinedOutput()
+			tn.release()
+			if err != nil {
+				hookErr = fmt.Errorf("addpart: %v: %s", err, out)
+				return nil
+			}
+			staleNr = nr
+			getFree = 1
 			return nil
-		}
-		getFree++
-		if staleNr >= 0 || hookErr != nil {
-			return nil
-		}
-		// Leave a partition on the unbound device: bind without partscan,
-		// add p3 with BLKPG, clear. The kernel keeps p3 on the unbound disk.
-		tn, err := bindTenant(nr, other)
-		if errors.Is(err, unix.EBUSY) {
-			// Another loop user on the host (make test runs this suite
-			// beside a losetup loop) bound nr first; Attach sees it bound
-			// and takes the next free number, where the hook tries again.
-			return nil
-		}
-		if err != nil {
-			hookErr = err
-			return nil
-		}
-		out, err := exec.Command("addpart", fmt.Sprintf("/dev/loop%d", nr), "3", "40960", "4096").CombinedOutput()
-		tn.release()
-		if err != nil {
-			hookErr = fmt.Errorf("addpart: %v: %s", err, out)
-			return nil
-		}
-		staleNr = nr
-		return nil
-	}}
-	d := attachT(t, img, o)
+		}}
+	d = attachT(t, img, o)
 	if hookErr != nil {
 		t.Fatal(hookErr)
 	}
 	if staleNr < 0 {
 		t.Fatal("hook never ran")
 	}
-	if getFree < 2 {
-		t.Errorf("stale partitions did not restart the attempt (%d get-free calls)", getFree)
-	}
-	if staleNr != d.Nr() {
-		if p := sysPartitions(staleNr); len(p) != 0 {
-			t.Errorf("stale partitions %v left on loop%d", p, staleNr)
+	// What the attempt on staleNr met, from its collision record.
+	var met string
+	for _, line := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(line, "collided") && strings.Contains(line, fmt.Sprintf("device=/dev/loop%d ", staleNr)) {
+			met = line
+			break
 		}
 	}
+	if strings.Contains(met, "bound by another user") {
+		t.Logf("another loop user bound loop%d before our attempt's check", staleNr)
+		// Ours to remove: the partition this test planted.
+		if out, err := exec.Command("delpart", fmt.Sprintf("/dev/loop%d", staleNr), "3").CombinedOutput(); err != nil {
+			t.Logf("delpart loop%d 3: %v: %s", staleNr, err, out)
+		}
+		return d, true
+	}
+	if getFree < 2 || !strings.Contains(met, "stale partitions") {
+		t.Errorf("stale partitions did not restart the attempt (%d get-free calls; the attempt on loop%d: %q)", getFree, staleNr, met)
+	}
+	if p := sysPartitions(staleNr); len(p) != 0 {
+		t.Errorf("stale partitions %v left on loop%d", p, staleNr)
+	}
+	return d, false
+}
+
+// r06Check: the attached device shows exactly the image's partitions.
+func r06Check(t *testing.T, d *Device) {
+	t.Helper()
 	if !kernelHasPartitionParser() {
 		// No GPT parser in this kernel: partitions only come from BLKPG.
 		if p := sysPartitions(d.Nr()); len(p) != 0 {
