@@ -115,7 +115,7 @@ func ctdLoopSnapshotter(t *testing.T, d ctdDaemon, mode string) {
 	e.ctr("task", "kill", "-s", "SIGKILL", "live")
 	ctdWaitStopped(t, e, "live")
 	e.ctr("task", "delete", "live")
-	// Diff of a stopped container (spec §13 check 17): the walking differ
+	// Diff of a stopped container: the walking differ
 	// mounts the parent as a View and the active snapshot read-only.
 	// ctr 1.6 writes the layer (gzip tar) to stdout: it must hold /count.
 	if names := ctdTarNames(t, e.ctr("snapshots", "--snapshotter", "loop", "diff", "live")); !slices.Contains(names, "count") {

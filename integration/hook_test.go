@@ -17,7 +17,7 @@ import (
 )
 
 // TestHookRunc drives oci-loop-hook through runc 1.1 bundles (createRuntime
-// and poststop entries in config.json), oci-hook-spec section 9.
+// and poststop entries in config.json), as a runc user wires it.
 func TestHookRunc(t *testing.T) {
 	w := newHookWorld(t, "")
 

@@ -1,7 +1,8 @@
 // Package hook implements oci-loop-hook: an OCI runtime hook that attaches
 // admin-approved image files to loop devices and mounts them into a
 // container at createRuntime, and releases them at poststop without ever
-// touching a loop device somebody else has reused (oci-hook-spec.md).
+// touching a loop device somebody else has reused. docs/security.md says
+// what it trusts and refuses, docs/operations.md how it is configured.
 //
 // Everything that comes from the container side (state, annotations, the
 // rootfs contents) is untrusted; the root-owned configuration is policy.

@@ -19,7 +19,9 @@ const (
 	PhaseMounted  = "mounted"
 )
 
-// Record is the per-container state file (oci-hook-spec section 7.5).
+// Record is the per-container state file: what setup attached and mounted,
+// with the identity (devnum, diskseq, backing) that teardown checks before
+// it touches a device, so a number reused by someone else is left alone.
 type Record struct {
 	ToolVersion   string        `json:"tool_version"`
 	ID            string        `json:"id"`

@@ -14,7 +14,8 @@ import (
 // DefaultHookPath is where oci-loop-hook looks for its configuration.
 const DefaultHookPath = "/etc/oci-loop-hook/config.toml"
 
-// Hook is the configuration of oci-loop-hook (oci-hook-spec section 7.3).
+// Hook is the configuration of oci-loop-hook (docs/operations.md, "The
+// hook"); without a file nothing is allowed.
 type Hook struct {
 	Version             int                  `toml:"version"`
 	Enabled             bool                 `toml:"enabled"`
@@ -98,8 +99,9 @@ func LoadHook(path string, explicit bool) (cfg Hook, fromFile bool, err error) {
 	return cfg, fromFile, nil
 }
 
-// Validate checks the rules of oci-hook-spec section 7.3; errors match
-// ErrInvalid and name the key.
+// Validate checks the configuration's rules (absolute clean paths, no
+// destination at or below /, /proc, /sys or /dev, valid catalog names, ...);
+// errors match ErrInvalid and name the key.
 func (h *Hook) Validate() error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))

@@ -9,7 +9,8 @@ import (
 	"time"
 )
 
-// Snapshotter defaults (snapshotter spec §2.1, §2.3).
+// Snapshotter defaults: the root in containerd's naming for a snapshotter's
+// state, the socket the contrib configs point containerd at, the config file.
 const (
 	DefaultSnapshotterRoot    = "/var/lib/containerd/io.containerd.snapshotter.v1.loop"
 	DefaultSnapshotterAddress = "/run/loop-snapshotter/loop-snapshotter.sock"
@@ -107,7 +108,7 @@ func LoadSnapshotter(path string, explicit bool) (cfg Snapshotter, loaded bool, 
 
 // mountOptions1_6 are the options containerd 1.6.20's mount code and ext4
 // both understand; anything else (direct-io, X-containerd.*) reaches
-// mount(2) as data and fails there (snapshotter spec §6.3).
+// mount(2) as data and fails there.
 var mountOptions1_6 = map[string]bool{
 	"discard": true, "nodiscard": true, "noatime": true, "relatime": true,
 	"strictatime": true, "nodiratime": true, "lazytime": true, "nolazytime": true,

@@ -20,8 +20,8 @@ import (
 )
 
 // role says how a snapshot image is attached: read-write for an active
-// snapshot, read-only for a committed image under views. Overlay mode will
-// add more roles (spec §3).
+// snapshot, read-only for a committed image under views (layered mode adds
+// its own roles for uppers and layers).
 type role string
 
 const (
@@ -215,7 +215,7 @@ func (d *devices) forget(k devKey) {
 
 // detachImage detaches every binding of image. A device still held (a
 // mount) is cleared lazily and vanishes at its last close; that is logged,
-// not an error (spec §8).
+// not an error: the kernel unbinds it when the holder lets go.
 func (d *devices) detachImage(ctx context.Context, image string, keys ...devKey) error {
 	for _, k := range keys {
 		d.forget(k)

@@ -73,7 +73,7 @@ func unmountAtCleanup(t *testing.T, dir string) func() {
 	return unmount
 }
 
-// TestMountsAreSafeForContainerd16 checks spec §13 check 4: only ext4, a
+// TestMountsAreSafeForContainerd16: only ext4, a
 // /dev/loopN source, and options containerd 1.6.20 hands to mount(2) safely.
 func TestMountsAreSafeForContainerd16(t *testing.T) {
 	s, _ := newTestSnapshotter(t, func(c *config.Snapshotter) { c.MountOptions = []string{"noatime"} })
@@ -552,7 +552,7 @@ func imageID(t *testing.T, s *snapshotter, key string) string {
 	return id
 }
 
-// TestCommitReplaysDirtyJournal (spec §13 check 13): an active image left
+// TestCommitReplaysDirtyJournal: an active image left
 // with a journal that needs recovery (here: copied while mounted, as a host
 // crash would leave it) is replayed at Commit, so a read-only View mounts
 // on its read-only device, shows the data and has no lost+found.
