@@ -246,9 +246,9 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	// One open of the disk's sysfs directory serves the partition listing and
 	// the flush's baseline below.
 	dir := sysfsDirOf(nr, devnum)
-	dirfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dirfd, err := openDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, &os.PathError{Op: "open", Path: dir, Err: err})
+		return nil, fmt.Errorf("delete stale partitions of %s: %w", node, err)
 	}
 	defer unix.Close(dirfd)
 	// An unbound device can still carry partitions (5.8, or a partition held
@@ -266,7 +266,7 @@ func attempt(ctx context.Context, nr int, b *backing, opts *Options, dio bool) (
 	// The flush's baseline: the disk's I/O counters before the device can be
 	// written (they only grow, so an early baseline errs on the side of an
 	// fsync). Its fd stays open for the teardown's second read.
-	if st, c, err := openIOStatAt(dirfd, dir); err == nil {
+	if st, c, err := openIOStat(dirfd, dir); err == nil {
 		d.ioStat, d.ioAtAttach = st, c
 	}
 	if err := opts.fault(stepBeforeAttach, nr); err != nil {

@@ -71,7 +71,7 @@ type Device struct {
 	unpartitioned bool
 	status        *unix.LoopInfo64 // LOOP_GET_STATUS64 of the attach's verification, reused once by finish
 	shortcut      bool             // the block-device backing itself: nothing was attached
-	ioAtAttach    *ioCounters      // diskstats when the attach finished, for flush
+	ioAtAttach    *ioCounters      // diskstats just before LOOP_CONFIGURE, the flush's baseline
 	ioStat        *ioStat          // the disk's sysfs stat, open from the attach to the teardown
 	log           *slog.Logger     // nil: discard
 }

@@ -16,26 +16,16 @@ type ioCounters struct {
 	writes, discards, inflight uint64
 }
 
-// ioStat is a disk's sysfs "stat" attribute, opened when the attach
-// finishes and kept until the teardown: a pread at offset 0 renders the
-// counters afresh (seq_file restarts at position 0), and it spares the
+// ioStat is a disk's sysfs "stat" attribute, opened by the attach before
+// LOOP_CONFIGURE and kept until the teardown: a pread at offset 0 renders
+// the counters afresh (seq_file restarts at position 0), and it spares the
 // detach the open's path walk, a third of what reading the counters costs.
 type ioStat struct{ fd int }
 
-// openIOStat opens dir/stat and reads the counters once.
-func openIOStat(dir string) (*ioStat, *ioCounters, error) {
-	return openIOStatAt(unix.AT_FDCWD, dir)
-}
-
-// openIOStatAt is openIOStat relative to dirfd, the disk's sysfs directory
-// when the caller has it open (dir names it in errors), which spares the
-// path walk.
-func openIOStatAt(dirfd int, dir string) (*ioStat, *ioCounters, error) {
-	name := "stat"
-	if dirfd == unix.AT_FDCWD {
-		name = dir + "/stat"
-	}
-	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+// openIOStat opens "stat" in the disk's sysfs directory, open as dirfd (dir
+// names it in errors), and reads the counters once.
+func openIOStat(dirfd int, dir string) (*ioStat, *ioCounters, error) {
+	fd, err := unix.Openat(dirfd, "stat", unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	if err != nil {
 		return nil, nil, &os.PathError{Op: "open", Path: dir + "/stat", Err: err}
 	}
@@ -96,7 +86,7 @@ func parseIOCounters(s string) (*ioCounters, error) {
 // fsyncs.
 func (d *Device) flush() error {
 	fd := int(d.file.Fd())
-	if d.ioAtAttach != nil {
+	if d.ioAtAttach != nil && d.ioStat != nil {
 		err := unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
 		if err == nil && !d.writtenSinceAttach() {
 			return nil
@@ -110,17 +100,11 @@ func (d *Device) flush() error {
 
 // writtenSinceAttach compares the disk's counters with the attach's
 // baseline: any completed write or discard, any request in flight, or
-// counters that cannot be read count as written.
+// counters that cannot be read (no baseline: a handle from Open) count as
+// written.
 func (d *Device) writtenSinceAttach() bool {
-	if d.ioAtAttach == nil {
+	if d.ioAtAttach == nil || d.ioStat == nil {
 		return true
-	}
-	if d.ioStat == nil {
-		st, _, err := openIOStat(d.sysfsDir())
-		if err != nil {
-			return true
-		}
-		d.ioStat = st
 	}
 	now, err := d.ioStat.read()
 	return err != nil || now.inflight != 0 || now.writes != d.ioAtAttach.writes || now.discards != d.ioAtAttach.discards

@@ -29,12 +29,21 @@ type Partition struct {
 // directory dir that carry a "partition" file. name is the disk's kernel
 // name (loop7) when the caller knows it, else "" and it is read from sysfs.
 func listPartitions(dir, name string) ([]Partition, error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	fd, err := openDir(dir)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
+		return nil, err
 	}
 	defer unix.Close(fd)
 	return listPartitionsAt(fd, dir, name)
+}
+
+// openDir opens a sysfs directory for getdents and openat.
+func openDir(dir string) (int, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	return fd, nil
 }
 
 // listPartitionsAt is listPartitions on dir already opened as dirfd.
@@ -115,12 +124,11 @@ func readDirNames(fd int, dir, prefix string) ([]string, error) {
 // deletePartitions removes every partition synchronously with BLKPG, so the
 // next user of the number sees none. It returns how many it found.
 func deletePartitions(f *os.File, dir, name string) (int, error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if err == unix.ENOENT {
-			return 0, unix.ENODEV
-		}
-		return 0, &os.PathError{Op: "open", Path: dir, Err: err}
+	fd, err := openDir(dir)
+	if os.IsNotExist(err) {
+		return 0, unix.ENODEV
+	} else if err != nil {
+		return 0, err
 	}
 	defer unix.Close(fd)
 	return deletePartitionsAt(f, fd, dir, name)
