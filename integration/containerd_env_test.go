@@ -96,22 +96,16 @@ func (d ctdDaemon) env() []string {
 // snapshotter mode, named "containerd-2.4.2/flat".
 func forEachDaemonMode(t *testing.T, fn func(t *testing.T, d ctdDaemon, mode string)) {
 	t.Helper()
-	for _, d := range ctdDaemons(t) {
-		for _, mode := range snapshotterModes {
-			t.Run(d.name+"/"+mode, func(t *testing.T) {
-				d.require(t)
-				fn(t, d, mode)
-			})
-		}
-	}
+	forEachModeOf(t, 0, fn)
 }
 
-// forEachMode runs fn once per snapshotter mode against containerd 2.x only
-// (the nerdctl and socket-activation paths need 2.x).
-func forEachMode(t *testing.T, fn func(t *testing.T, d ctdDaemon, mode string)) {
+// forEachModeOf is forEachDaemonMode for one containerd major release (0:
+// every release): the nerdctl and socket-activation paths need 2.x, and
+// 1.6 has its own nerdctl limits.
+func forEachModeOf(t *testing.T, major int, fn func(t *testing.T, d ctdDaemon, mode string)) {
 	t.Helper()
 	for _, d := range ctdDaemons(t) {
-		if d.major != 2 {
+		if major != 0 && d.major != major {
 			continue
 		}
 		for _, mode := range snapshotterModes {

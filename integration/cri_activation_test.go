@@ -19,7 +19,7 @@ import (
 // succeeded at once and waited, so `crictl images` still lists the image
 // unpacked into loop, and a pod starts on it.
 func TestCRISocketActivation(t *testing.T) {
-	forEachMode(t, func(t *testing.T, d ctdDaemon, mode string) {
+	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
 		testutil.RequireRoot(t)
 		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 		dir := t.TempDir()
@@ -53,7 +53,7 @@ func TestCRISocketActivation(t *testing.T) {
 // docs/troubleshooting.md quotes and leaves the loop images out of CRI's
 // list even after the snapshotter comes up.
 func TestCRIContainerdBeforeSnapshotter(t *testing.T) {
-	forEachMode(t, func(t *testing.T, d ctdDaemon, mode string) {
+	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
 		testutil.RequireRoot(t)
 		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 		dir := t.TempDir()

@@ -19,7 +19,7 @@ import (
 // kubelet send) gets a loop-backed root; a pod of the default handler, from
 // the same image, gets an overlayfs root.
 func TestCRIRuntimeClassSnapshotter(t *testing.T) {
-	forEachMode(t, func(t *testing.T, d ctdDaemon, mode string) {
+	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
 		testutil.RequireRoot(t)
 		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
 		dir := t.TempDir()

@@ -17,7 +17,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-
 	"os"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
