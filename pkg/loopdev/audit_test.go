@@ -403,6 +403,9 @@ func TestAuditShortcutKeepsBackingLock(t *testing.T) {
 	dir := rootDir(t)
 	ctx := testCtx(t, time.Minute)
 	l := attachT(t, newImage(t, dir, "blk.img", 4<<20), Options{})
+	// udev probes the new disk under LOCK_SH, which an exclusive
+	// BackingLock (non-blocking by contract) would meet: let it finish.
+	settleUdev()
 	d, err := Attach(ctx, l.Path(), Options{BackingLock: LockExclusive})
 	if err != nil {
 		t.Fatal(err)

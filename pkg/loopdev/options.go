@@ -100,7 +100,10 @@ type Options struct {
 	// BackingLock takes a non-blocking flock on the open file description
 	// the loop device holds (not the caller's), so the lock lasts exactly as
 	// long as the binding: exclusive for exclusive writers, shared for
-	// readers. A conflicting holder gives EWOULDBLOCK.
+	// readers. A conflicting holder gives EWOULDBLOCK. On a block-device
+	// backing that holder can be udev, which probes a disk under LOCK_SH
+	// after each change event: wait for udev to settle first (udevadm
+	// settle) or retry.
 	BackingLock LockState
 	// RemoveDevice deletes /dev/loopN with LOOP_CTL_REMOVE after Detach, as
 	// systemd does. Off by default: on 6.18 the removal (del_gendisk) costs

@@ -133,7 +133,9 @@ func TestR18_RuntimeAPI(t *testing.T) {
 		if !externalFlockFails(d.Path(), true) || externalFlockFails(d.Path(), false) {
 			t.Error("shared lock not in effect")
 		}
-		if err := d.Flock(ctx, LockExclusive, true); err != nil {
+		// Blocking: the holder's close makes udev probe the disk under
+		// LOCK_SH for a moment (non-blocking was checked above).
+		if err := d.Flock(ctx, LockExclusive, false); err != nil {
 			t.Fatal(err)
 		}
 		if !externalFlockFails(d.Path(), false) {
