@@ -7,8 +7,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-
-	"github.com/loopkit/loopkit/internal/testutil"
 )
 
 // TestCRISocketActivation: with the snapshotter's socket held open (as
@@ -20,11 +18,7 @@ import (
 // unpacked into loop, and a pod starts on it.
 func TestCRISocketActivation(t *testing.T) {
 	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
-		testutil.RequireRoot(t)
-		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
-		dir := t.TempDir()
-		testutil.NoLeaks(t, dir)
-		n := criStartNodeOn(t, dir, d, mode, criImageRef, criNodeOptions{socketActivation: true})
+		n := criModeNode(t, d, mode, criNodeOptions{socketActivation: true})
 		if b, _ := os.ReadFile(n.snap.log); !strings.Contains(string(b), "socket activation") {
 			t.Errorf("the snapshotter did not report serving on the passed socket:\n%s", n.snap.tail(20))
 		}
@@ -54,11 +48,7 @@ func TestCRISocketActivation(t *testing.T) {
 // list even after the snapshotter comes up.
 func TestCRIContainerdBeforeSnapshotter(t *testing.T) {
 	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
-		testutil.RequireRoot(t)
-		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
-		dir := t.TempDir()
-		testutil.NoLeaks(t, dir)
-		n := criStartNodeOn(t, dir, d, mode, criImageRef, criNodeOptions{})
+		n := criModeNode(t, d, mode, criNodeOptions{})
 		n.importTestImage()
 
 		// Snapshotter down while containerd starts and CRI gets ready.

@@ -65,6 +65,18 @@ func criStartNode(t *testing.T, dir, sandboxImage string, tweak func(cfg map[str
 	return criStartNodeOn(t, dir, d, "flat", sandboxImage, criNodeOptions{tweak: tweak})
 }
 
+// criModeNode is how each CRI test on one containerd release and mode
+// begins: its gates (root, its binaries), its directory with the leak
+// check (n.dir), and a node on d in mode with the test's sandbox image.
+func criModeNode(t *testing.T, d ctdDaemon, mode string, o criNodeOptions) *criNode {
+	t.Helper()
+	testutil.RequireRoot(t)
+	testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
+	dir := t.TempDir()
+	testutil.NoLeaks(t, dir)
+	return criStartNodeOn(t, dir, d, mode, criImageRef, o)
+}
+
 // criStartNodeMode is criStartNode with loop-snapshotter in the given
 // storage mode (containerd 1.6).
 func criStartNodeMode(t *testing.T, dir, sandboxImage, mode string, tweak func(cfg map[string]any)) *criNode {

@@ -8,8 +8,6 @@ import (
 	"os"
 	"strings"
 	"testing"
-
-	"github.com/loopkit/loopkit/internal/testutil"
 )
 
 // TestCRIRuntimeClassSnapshotter is docs/kubernetes.md's RuntimeClass setup
@@ -20,11 +18,7 @@ import (
 // the same image, gets an overlayfs root.
 func TestCRIRuntimeClassSnapshotter(t *testing.T) {
 	forEachModeOf(t, 2, func(t *testing.T, d ctdDaemon, mode string) {
-		testutil.RequireRoot(t)
-		testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
-		dir := t.TempDir()
-		testutil.NoLeaks(t, dir)
-		n := criStartNodeOn(t, dir, d, mode, criImageRef, criNodeOptions{tweak: func(cfg map[string]any) {
+		n := criModeNode(t, d, mode, criNodeOptions{tweak: func(cfg map[string]any) {
 			images := criTable(t, cfg, "plugins", "io.containerd.cri.v1.images")
 			images["snapshotter"] = "overlayfs"
 			rts := criTable(t, cfg, "plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes")
@@ -36,7 +30,7 @@ func TestCRIRuntimeClassSnapshotter(t *testing.T) {
 		}})
 		// The image unpacked into both snapshotters.
 		n.importTestImage()
-		n.ctr("image", "import", "--snapshotter", "overlayfs", dir+"/image.tar")
+		n.ctr("image", "import", "--snapshotter", "overlayfs", n.dir+"/image.tar")
 
 		loopPod := n.runPod("rc-loop", "runc-loop", "/bin/sleep", "1000000")
 		criCheckLoopRoot(t, n, "runc-loop container", loopPod.ctrPid)

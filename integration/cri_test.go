@@ -13,8 +13,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/loopkit/loopkit/internal/testutil"
 )
 
 const criImageRef = "loopkit.test/cri-busybox:v1"
@@ -32,12 +30,7 @@ func TestCRIPodOnLoopRootfs(t *testing.T) {
 }
 
 func criPodOnLoopRootfs(t *testing.T, d ctdDaemon, mode string, o criNodeOptions) {
-	testutil.RequireRoot(t)
-	testutil.RequireBinaries(t, "runc", "busybox", "mkfs.ext4", "go")
-	dir := t.TempDir()
-	testutil.NoLeaks(t, dir)
-
-	n := criStartNodeOn(t, dir, d, mode, criImageRef, o)
+	n := criModeNode(t, d, mode, o)
 
 	// What docs/operations.md tells admins to check.
 	plugins := n.ctr("plugins", "ls")
